@@ -1,0 +1,250 @@
+"""The bundled model's recipe: pre-train a small GPT-2 from scratch on the Russian corpus, on a CPU.
+
+nanoGPT-style: the corpus is tokenised once into flat uint16 arrays with `<|endoftext|>` between
+documents; training samples random blocks, uses AdamW with warm-up and a cosine decay driven by a
+wall-clock budget (so "train for an hour" means an hour on any machine), and bf16 autocast where the
+CPU supports it. Checkpoints are written atomically and a killed run resumes from the latest one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rugpt.atomic import atomic_write_dir, atomic_write_text
+from rugpt.errors import UsageError
+from rugpt.training.corpus import Document, load_corpus
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PretrainSettings:
+    """Settings of the bundled-model recipe; every default lives here."""
+
+    corpus: Path = field(default=Path("../shared/data/ruslit"), metadata={"help": "the RusLit folder"})
+    tokenizer: Path = field(default=Path("runs/bundled/tokenizer"), metadata={"help": "the tokenizer's folder"})
+    out: Path = field(default=Path("runs/bundled"), metadata={"help": "run folder: token cache, checkpoint, settings"})
+    fortunes: bool = field(default=True, metadata={"help": "add Debian's fortunes-ru (GPL-2; sex-themed files out)"})
+    vocab_size: int = field(default=8000, metadata={"help": "tokens in the tokenizer's vocabulary"})
+    heldout_fraction: float = field(default=0.03, metadata={"help": "share of documents never trained on"})
+    n_layer: int = field(default=6, metadata={"help": "transformer layers"})
+    n_embd: int = field(default=256, metadata={"help": "width"})
+    n_head: int = field(default=4, metadata={"help": "attention heads"})
+    block_size: int = field(default=512, metadata={"help": "context length in tokens"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per step at full length"})
+    short_until: float = field(default=0.6, metadata={"help": "train on half-length blocks (twice as many) until "
+                                                              "this share of the budget: sequence-length warm-up"})
+    lr: float = 2e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 200
+    weight_decay: float = 0.1
+    minutes: float = field(default=95.0, metadata={"help": "wall-clock budget; the learning-rate schedule follows it"})
+    max_steps: int = field(default=0, metadata={"help": "step budget instead of (or as well as) minutes; 0 = none"})
+    eval_every: int = 300
+    eval_blocks: int = 64
+    seed: int = 1234
+    bf16: bool = field(default=True, metadata={"help": "bf16 autocast (fast on CPUs with AVX-512 bf16)"})
+    threads: int = field(default=0, metadata={"help": "torch threads; 0 = torch's default"})
+
+    def __post_init__(self) -> None:
+        self.corpus, self.tokenizer, self.out = Path(self.corpus), Path(self.tokenizer), Path(self.out)
+        if self.n_embd % self.n_head:
+            raise UsageError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.minutes <= 0 and self.max_steps <= 0:
+            raise UsageError("give a training budget: minutes > 0 or max_steps > 0")
+        if not 0 < self.heldout_fraction < 0.5:
+            raise UsageError(f"heldout_fraction={self.heldout_fraction} must be in (0, 0.5)")
+
+
+def train_recipe_tokenizer(settings: PretrainSettings) -> tuple[int, float]:
+    """Train the tokenizer on the training split; returns its size and held-out characters per token."""
+    from rugpt.tokenizer import train_tokenizer
+
+    train, heldout = load_corpus(settings.corpus, settings.fortunes, settings.heldout_fraction)
+    tokenizer = train_tokenizer((d.text for d in train), settings.vocab_size, settings.tokenizer)
+    text = "\n".join(d.text for d in heldout)
+    return len(tokenizer), len(text) / max(1, len(tokenizer(text)["input_ids"]))
+
+
+def encode_documents(tokenizer, docs: list[Document]) -> np.ndarray:
+    """All documents as one uint16 token stream, each followed by `<|endoftext|>`."""
+    eot = tokenizer.eos_token_id
+    ids: list[int] = []
+    batch = [d.text for d in docs]
+    for encoded in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+        ids.extend(encoded)
+        ids.append(eot)
+    if max(ids) >= 2**16:
+        raise UsageError("vocabulary too large for the uint16 token cache (max 65536)")
+    return np.asarray(ids, dtype=np.uint16)
+
+
+def prepare_tokens(settings: PretrainSettings, tokenizer) -> dict[str, np.ndarray]:
+    """Tokenised train and held-out streams, cached in the run folder; also records their character counts."""
+    cache = settings.out / "tokens"
+    names = ("train", "heldout")
+    if all((cache / f"{n}.npy").exists() for n in names):
+        return {n: np.load(cache / f"{n}.npy", mmap_mode="r") for n in names}
+    train, heldout = load_corpus(settings.corpus, settings.fortunes, settings.heldout_fraction)
+    cache.mkdir(parents=True, exist_ok=True)
+    stats = {}
+    for name, docs in zip(names, (train, heldout), strict=True):
+        tokens = encode_documents(tokenizer, docs)
+        np.save(cache / f"{name}.npy", tokens)
+        stats[name] = {"documents": len(docs), "characters": sum(len(d.text) for d in docs), "tokens": len(tokens)}
+        stats[name]["sources"] = [d.source for d in docs] if name == "heldout" else None
+    atomic_write_text(cache / "stats.json", json.dumps(stats, ensure_ascii=False, indent=1))
+    return {n: np.load(cache / f"{n}.npy", mmap_mode="r") for n in names}
+
+
+def sample_batch(tokens: np.ndarray, block: int, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """`batch` random windows of `block + 1` tokens: inputs and next-token targets."""
+    starts = torch.randint(0, len(tokens) - block - 1, (batch,), generator=gen).tolist()
+    rows = np.stack([tokens[s : s + block + 1].astype(np.int64) for s in starts])
+    data = torch.from_numpy(rows)
+    return data[:, :-1], data[:, 1:]
+
+
+def heldout_blocks(tokens: np.ndarray, block: int, count: int) -> torch.Tensor:
+    """`count` evenly spaced, fixed windows of the held-out stream, the same at every evaluation."""
+    step = max(1, (len(tokens) - block - 1) // count)
+    rows = [tokens[i * step : i * step + block + 1].astype(np.int64) for i in range(count)]
+    return torch.from_numpy(np.stack([r for r in rows if len(r) == block + 1]))
+
+
+@torch.no_grad()
+def heldout_loss(model, blocks: torch.Tensor, bf16: bool, batch: int = 16) -> float:
+    """Mean next-token cross-entropy (nats) over the fixed held-out windows."""
+    model.eval()
+    total = 0.0
+    for i in range(0, len(blocks), batch):
+        chunk = blocks[i : i + batch]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(chunk[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten())
+        total += loss.item() * len(chunk)
+    model.train()
+    return total / len(blocks)
+
+
+def learning_rate(settings: PretrainSettings, step: int, progress: float) -> float:
+    """Linear warm-up over `warmup_steps`, then cosine decay to `min_lr` as progress goes 0 → 1."""
+    if step < settings.warmup_steps:
+        return settings.lr * (step + 1) / settings.warmup_steps
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return settings.min_lr + (settings.lr - settings.min_lr) * cosine
+
+
+def build_model(settings: PretrainSettings, vocab_size: int, eos_id: int):
+    """A fresh GPT-2 of the configured shape (no dropout: one pass over the data does not overfit)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=settings.block_size,
+        n_embd=settings.n_embd,
+        n_layer=settings.n_layer,
+        n_head=settings.n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def make_optimizer(model, settings: PretrainSettings) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not biases, norms or position tables)."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "wpe" not in n]
+    rest = [p for n, p in model.named_parameters() if p.dim() < 2 or "wpe" in n]
+    groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.95), fused=False)
+
+
+def save_state(out: Path, model, optimizer, state: dict) -> None:
+    """Write model, optimizer and progress as one folder that replaces the previous checkpoint atomically."""
+    with atomic_write_dir(out / "checkpoint") as tmp:
+        model.save_pretrained(tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps(state))
+
+
+def load_state(out: Path, model, optimizer) -> dict | None:
+    """Restore the latest checkpoint of this run folder (our own files only), or None when there is none."""
+    from safetensors.torch import load_file
+
+    ckpt = out / "checkpoint"
+    if not (ckpt / "state.json").exists():
+        return None
+    model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=False)
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    return json.loads((ckpt / "state.json").read_text())
+
+
+def pretrain(settings: PretrainSettings) -> dict:
+    """Run (or resume) the recipe; returns the final metrics. The model lands in `out/checkpoint`."""
+    from transformers import AutoTokenizer
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
+    tokenizer = AutoTokenizer.from_pretrained(settings.tokenizer)
+    tokens = prepare_tokens(settings, tokenizer)
+    model = build_model(settings, len(tokenizer), tokenizer.eos_token_id)
+    optimizer = make_optimizer(model, settings)
+    state = load_state(settings.out, model, optimizer) or {"step": 0, "elapsed": 0.0, "history": []}
+    gen = torch.Generator().manual_seed(settings.seed + state["step"])
+    blocks = heldout_blocks(tokens["heldout"], settings.block_size, settings.eval_blocks)
+    log.info("model: %.2fM parameters; train tokens: %d", model.num_parameters() / 1e6, len(tokens["train"]))
+    atomic_write_text(settings.out / "settings.json", json.dumps(asdict(settings), default=str, indent=1))
+    model.train()
+    started = time.monotonic() - state["elapsed"]
+    while True:
+        step, elapsed = state["step"], time.monotonic() - started
+        progress = max(elapsed / (settings.minutes * 60) if settings.minutes > 0 else 0.0,
+                       step / settings.max_steps if settings.max_steps > 0 else 0.0)
+        if progress >= 1.0:
+            break
+        lr = learning_rate(settings, step, progress)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        short = progress < settings.short_until
+        block = settings.block_size // 2 if short else settings.block_size
+        batch = settings.batch_size * 2 if short else settings.batch_size
+        x, y = sample_batch(tokens["train"], block, batch, gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
+            logits = model(x).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        if state["step"] % 20 == 0:
+            tok_s = settings.batch_size * settings.block_size * state["step"] / max(time.monotonic() - started, 1e-9)
+            log.info("step %d  loss %.3f  lr %.2e  %.0f tok/s  %.1f min",
+                     state["step"], loss.item(), lr, tok_s, elapsed / 60)
+        if state["step"] % settings.eval_every == 0:
+            _evaluate_and_save(settings, model, optimizer, state, blocks, time.monotonic() - started)
+    return _evaluate_and_save(settings, model, optimizer, state, blocks, time.monotonic() - started)
+
+
+def _evaluate_and_save(settings, model, optimizer, state, blocks, elapsed: float) -> dict:
+    loss = heldout_loss(model, blocks, settings.bf16)
+    state["elapsed"] = elapsed
+    entry = {"step": state["step"], "minutes": round(elapsed / 60, 2), "heldout_loss": round(loss, 4),
+             "tokens_seen": state["step"] * settings.batch_size * settings.block_size}
+    state["history"].append(entry)
+    log.info("eval %s", entry)
+    save_state(settings.out, model, optimizer, state)
+    return entry

@@ -1,0 +1,155 @@
+import logging
+
+import pytest
+import torch
+
+from rugpt.errors import UsageError
+from rugpt.generation import GenerationSettings, Generator, StopStringCutter, cut_at_stop
+
+PROMPT = "Мороз и солнце; день чудесный!"
+GREEDY = dict(do_sample=False, num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0)
+
+
+def manual_greedy(loaded, ids: list[int], steps: int) -> list[int]:
+    """The reference: argmax of the full forward pass, one token at a time, no cache."""
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = loaded.model(torch.tensor([seq])).logits[0, -1]
+            seq.append(int(logits.argmax()))
+    return seq[len(ids):]
+
+
+@pytest.fixture(scope="module")
+def gen(tiny):
+    return Generator(tiny)
+
+
+def test_greedy_matches_manual_argmax_token_for_token(gen, tiny):
+    settings = GenerationSettings(max_new_tokens=12, **GREEDY)
+    result = gen.generate(PROMPT, settings)
+    ids = tiny.tokenizer(PROMPT)["input_ids"]
+    expected = manual_greedy(tiny, ids, 12)
+    eos = tiny.tokenizer.eos_token_id
+    if eos in expected:
+        expected = expected[: expected.index(eos)]
+    assert result.completions[0].token_ids == expected
+    assert result.prompt_tokens == len(ids)
+    assert result.engine == "transformers"
+
+
+def test_same_seed_same_text_and_other_seed_differs(gen):
+    settings = GenerationSettings(max_new_tokens=20, temperature=1.0, top_k=0, top_p=1.0, seed=7)
+    first = gen.generate(PROMPT, settings).text
+    second = gen.generate(PROMPT, settings).text
+    other = gen.generate(PROMPT, settings, seed=8).text
+    assert first == second
+    assert first != other
+
+
+def test_num_return_sequences_gives_distinct_samples(gen):
+    result = gen.generate(PROMPT, max_new_tokens=10, num_return_sequences=3, temperature=1.0, top_k=0, seed=1)
+    assert len(result.completions) == 3
+    assert len({c.text for c in result.completions}) > 1
+
+
+def test_beam_search_returns_the_requested_number(gen):
+    settings = GenerationSettings.from_preset("precise", max_new_tokens=8, num_return_sequences=2)
+    result = gen.generate(PROMPT, settings)
+    assert [c.finish_reason for c in result.completions] and len(result.completions) == 2
+
+
+def test_stream_pieces_join_to_the_generated_text(gen):
+    settings = GenerationSettings(max_new_tokens=15, **GREEDY)
+    streamed = "".join(gen.stream(PROMPT, settings))
+    assert streamed == gen.generate(PROMPT, settings).text
+
+
+def test_stop_string_cuts_generate_and_stream(gen):
+    settings = GenerationSettings(max_new_tokens=30, temperature=1.0, top_k=0, top_p=1.0, seed=3)
+    full = gen.generate(PROMPT, settings).text
+    assert len(full) > 6
+    k = next(i for i in range(1, len(full) - 2) if full.find(full[i : i + 2]) == i)
+    stop = full[k : k + 2]
+    cut = gen.generate(PROMPT, settings, stop=(stop,))
+    assert cut.text == full[: full.find(stop)]
+    assert cut.completions[0].finish_reason == "stop"
+    assert "".join(gen.stream(PROMPT, settings, stop=(stop,))) == cut.text
+
+
+def test_long_prompt_keeps_most_recent_tokens_and_warns(gen, tiny, caplog):
+    long_prompt = "слово " * 400
+    with caplog.at_level(logging.WARNING, logger="rugpt.generation"):
+        result = gen.generate(long_prompt, max_new_tokens=8, **GREEDY)
+    assert result.prompt_truncated
+    assert result.prompt_tokens == tiny.context_length - 8
+    assert "kept the last" in caplog.text
+
+
+def test_finish_reason_length_when_budget_used(gen):
+    result = gen.generate(PROMPT, max_new_tokens=5, **GREEDY)
+    completion = result.completions[0]
+    assert completion.finish_reason == "length" or len(completion.token_ids) < 5
+
+
+@pytest.mark.parametrize(
+    "bad, needle",
+    [
+        (dict(temperature=0.0), "temperature=0.0"),
+        (dict(temperature=-1.0), "temperature=-1.0"),
+        (dict(top_p=0.0), "top_p=0.0"),
+        (dict(top_p=1.5), "top_p=1.5"),
+        (dict(max_new_tokens=0), "max_new_tokens=0"),
+        (dict(top_k=-1), "top_k=-1"),
+        (dict(num_beams=0), "num_beams=0"),
+        (dict(do_sample=False, num_return_sequences=3), "num_return_sequences=3"),
+        (dict(stop=("",)), "stop strings"),
+    ],
+)
+def test_invalid_settings_name_the_parameter(bad, needle):
+    with pytest.raises(UsageError, match=needle.replace("(", r"\(")):
+        GenerationSettings(**bad)
+
+
+def test_greedy_allows_any_temperature():
+    assert GenerationSettings(do_sample=False, temperature=0.0).temperature == 0.0
+
+
+def test_presets_and_overrides():
+    precise = GenerationSettings.from_preset("precise")
+    assert (precise.do_sample, precise.num_beams) == (False, 4)
+    creative = GenerationSettings.from_preset("creative", temperature=0.5)
+    assert creative.temperature == 0.5 and creative.top_p == 0.95
+    with pytest.raises(UsageError, match="preset='wild'"):
+        GenerationSettings.from_preset("wild")
+    with pytest.raises(UsageError, match="tempreature"):
+        GenerationSettings.from_preset(None, tempreature=1.0)
+
+
+def test_empty_prompt_and_oversized_budget_are_errors(gen, tiny):
+    with pytest.raises(UsageError, match="prompt is empty"):
+        gen.generate("   ")
+    with pytest.raises(UsageError, match="max_new_tokens=128"):
+        gen.generate(PROMPT, max_new_tokens=tiny.context_length)
+
+
+def test_cut_at_stop_takes_the_earliest():
+    assert cut_at_stop("а.б!в", ("!", ".")) == "а"
+    assert cut_at_stop("абв", ()) == "абв"
+
+
+class _CharTokenizer:
+    """Each id is one character, so the cutter's hold-back logic can be checked exactly."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+def test_stream_cutter_holds_back_a_possible_stop_prefix():
+    cutter = StopStringCutter(_CharTokenizer(), ("\nБот:",))
+    batches = [[ord(c)] for c in "Привет\nБо"]
+    pieces = list(cutter.pieces(iter(batches)))
+    assert "".join(pieces) == "Привет\nБо"  # the stream ended without the stop string: all text comes out
+    assert pieces[-1] == "\nБо"  # ...but "\nБо" was held back until the end
+    full = [[ord(c)] for c in "Привет\nБот: пока"]
+    assert "".join(cutter.pieces(iter(full))) == "Привет"
