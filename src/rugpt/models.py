@@ -133,7 +133,9 @@ def load(name_or_path: str | None = None, device: str | None = None, dtype: str 
     Offline with no cached copy, raises ModelNotFound with one sentence saying how to get it.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     name = name_or_path or DEFAULT_MODEL
     source = resolve(name)
     device = device or default_device()
@@ -155,6 +157,9 @@ def load(name_or_path: str | None = None, device: str | None = None, dtype: str 
 
 def _not_found_message(name: str, source: str, exc: Exception) -> str:
     text = str(exc)
+    if Path(source) == BUNDLED_DIR:
+        return (f"the bundled model's weights are missing from {source}; reinstall rugpt, "
+                f"or rebuild them with `rugpt train-tokenizer` and `rugpt pretrain` (see the README)")
     if Path(source).is_dir():
         if "safetensors" in text or not any(Path(source).glob("*.safetensors")):
             return (f"model folder {source!r} has no safetensors weights; rugpt never loads pickled weights — "
