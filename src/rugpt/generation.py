@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import queue
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
@@ -19,6 +17,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from rugpt.errors import UsageError
 from rugpt.models import LoadedModel, load
+from rugpt.sampling import RowSampler, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +85,11 @@ class GenerationSettings:
             if not ok:
                 raise UsageError(message)
 
+    def sampling_params(self) -> SamplingParams:
+        """The per-token part of these settings, for rugpt's sampler."""
+        return SamplingParams(self.do_sample, self.temperature, self.top_k, self.top_p,
+                              self.repetition_penalty, self.no_repeat_ngram_size)
+
     def to_transformers(self) -> dict:
         """Keyword arguments for transformers' `generate`."""
         kwargs = {
@@ -115,7 +119,7 @@ class Completion:
 
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" (a stop string or end-of-text) or "length" (max_new_tokens)
+    finish_reason: str  # "stop" (a stop string or end-of-text) or "length" (max_new_tokens or context full)
 
 
 @dataclass
@@ -126,7 +130,7 @@ class GenerationResult:
     completions: list[Completion]
     prompt_tokens: int
     prompt_truncated: bool
-    engine: str = "transformers"
+    engine: str
 
     @property
     def text(self) -> str:
@@ -137,14 +141,31 @@ class GenerationResult:
 
 
 class Generator:
-    """Keeps a model loaded and generates from it; `rugpt.generate` is the one-call version."""
+    """Keeps a model (and its decode engine) loaded; `rugpt.generate` is the one-call version.
 
-    def __init__(self, model: LoadedModel | str | None = None, device: str | None = None, dtype: str | None = None):
+    Beam search runs on transformers' `generate`; everything else runs on the decode engine
+    (`engine`: auto, transformers, fast, fast-bf16, fast-int8) with rugpt's own sampler.
+    """
+
+    def __init__(self, model: LoadedModel | str | None = None, device: str | None = None, dtype: str | None = None,
+                 engine: str = "auto"):
+        from rugpt.engines import EngineChoice
+
         self.loaded = model if isinstance(model, LoadedModel) else load(model, device=device, dtype=dtype)
+        self.engine_choice = EngineChoice(engine) if engine in {c.value for c in EngineChoice} else engine
+        self._engine = None
 
     @property
     def tokenizer(self):
         return self.loaded.tokenizer
+
+    def engine(self, rows: int = 1):
+        """The decode engine, built on first use (and rebuilt if more rows are needed at once)."""
+        from rugpt.engines import create_engine
+
+        if self._engine is None or self._engine.max_rows < rows:
+            self._engine = create_engine(self.loaded, self.engine_choice, max_rows=max(rows, 8))
+        return self._engine
 
     def encode_prompt(self, prompt: str, max_new_tokens: int) -> tuple[list[int], bool]:
         """Prompt token ids, keeping the most recent ones when prompt + new tokens exceed the context."""
@@ -165,9 +186,20 @@ class Generator:
         """Continue `prompt`; `overrides` replace fields of `settings` (default: the balanced preset)."""
         settings = _merge(settings, overrides)
         ids, truncated = self.encode_prompt(prompt, settings.max_new_tokens)
-        output = self._run(ids, settings, streamer=None)
-        completions = [self._completion(row[len(ids):].tolist(), settings) for row in output]
-        return GenerationResult(prompt, completions, len(ids), truncated)
+        if settings.num_beams > 1:
+            output = self._beam_search(ids, settings)
+            completions = [self._completion(row[len(ids):].tolist(), settings) for row in output]
+            return GenerationResult(prompt, completions, len(ids), truncated, "transformers")
+        token_lists = [[] for _ in range(settings.num_return_sequences)]
+        finish = ["length"] * settings.num_return_sequences
+        engine = self.engine(settings.num_return_sequences)
+        for index, token, reason in self.decode(ids, settings):
+            if token is not None:
+                token_lists[index].append(token)
+            if reason is not None:
+                finish[index] = reason
+        completions = [self._completion(tokens, settings, finish[i]) for i, tokens in enumerate(token_lists)]
+        return GenerationResult(prompt, completions, len(ids), truncated, engine.name)
 
     def stream(self, prompt: str, settings: GenerationSettings | None = None, **overrides) -> Iterator[str]:
         """Yield text pieces of one continuation as they are produced (greedy or sampling, one sequence)."""
@@ -175,24 +207,63 @@ class Generator:
         if settings.num_beams > 1 or settings.num_return_sequences > 1:
             raise UsageError("streaming needs num_beams=1 and num_return_sequences=1; use generate() for beams")
         ids, _ = self.encode_prompt(prompt, settings.max_new_tokens)
-        streamer = _TokenQueue()
-        worker = threading.Thread(target=self._run_into, args=(ids, settings, streamer), daemon=True)
-        worker.start()
-        yield from StopStringCutter(self.tokenizer, settings.stop).pieces(streamer)
-        worker.join()
-        if streamer.error is not None:
-            raise streamer.error
+        tokens = ([token] for _, token, _ in self.decode(ids, settings) if token is not None)
+        yield from StopStringCutter(self.tokenizer, settings.stop).pieces(tokens)
 
-    def _run_into(self, ids: list[int], settings: GenerationSettings, streamer: _TokenQueue) -> None:
+    def decode(self, ids: list[int], settings: GenerationSettings) -> Iterator[tuple[int, int | None, str | None]]:
+        """Decode `num_return_sequences` rows from one prompt on the engine, all rows stepped together.
+
+        Yields (row index, new token or None, finish reason or None) as tokens are picked; the token
+        that ends a row by end-of-text is not yielded. Row i samples with seed `seed + i`.
+        """
+        engine = self.engine(settings.num_return_sequences)
+        params = settings.sampling_params()
+        eos = self.tokenizer.eos_token_id
+        embeds = self._prompt_embeds(ids)
+        rows, samplers, logits = [], [], []
         try:
-            self._run(ids, settings, streamer)
-        except BaseException as exc:  # handed to the consuming thread, which re-raises it
-            streamer.error = exc
+            for i in range(settings.num_return_sequences):
+                row, row_logits = engine.prefill(ids, embeds)
+                rows.append(row)
+                samplers.append(RowSampler(params, ids, None if settings.seed is None else settings.seed + i))
+                logits.append(row_logits)
+            active = list(range(len(rows)))
+            generated = [0] * len(rows)
+            texts = [StopWatch(self.tokenizer, settings.stop) for _ in rows]
+            while active:
+                step_rows, step_tokens = [], []
+                for position, i in enumerate(active):
+                    token = samplers[i].next_token(logits[position])
+                    reason = None
+                    if token == eos:
+                        yield i, None, "stop"
+                        continue
+                    generated[i] += 1
+                    if texts[i].add(token):
+                        reason = "stop"
+                    elif generated[i] >= settings.max_new_tokens or engine.lengths[rows[i]] >= engine.context_length:
+                        reason = "length"  # the budget is spent, or the context is full and no step can follow
+                    yield i, token, reason
+                    if reason is None:
+                        step_rows.append(i)
+                        step_tokens.append(token)
+                active = step_rows
+                if active:
+                    logits = engine.step([rows[i] for i in active], step_tokens)
         finally:
-            streamer.end()
+            for row in rows:
+                engine.release(row)
+
+    def _prompt_embeds(self, ids: list[int]) -> torch.Tensor | None:
+        """Input embeddings when the model's embedding layer is patched (a trained prompt), else None."""
+        layer = self.loaded.model.get_input_embeddings()
+        if type(layer) is torch.nn.Embedding:
+            return None
+        with torch.inference_mode():
+            return layer(torch.tensor([ids], device=self.loaded.model.device))[0]
 
     @torch.inference_mode()
-    def _run(self, ids: list[int], settings: GenerationSettings, streamer) -> torch.Tensor:
+    def _beam_search(self, ids: list[int], settings: GenerationSettings) -> torch.Tensor:
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
         model = self.loaded.model
@@ -205,11 +276,10 @@ class Generator:
             attention_mask=torch.ones_like(input_ids),
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
-            streamer=streamer,
             **kwargs,
         )
 
-    def _completion(self, new_ids: list[int], settings: GenerationSettings) -> Completion:
+    def _completion(self, new_ids: list[int], settings: GenerationSettings, finish: str | None = None) -> Completion:
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         ended = eos in new_ids
         if ended:
@@ -218,12 +288,27 @@ class Generator:
             new_ids.pop()
         text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
         cut = cut_at_stop(text, settings.stop)
-        finish = "stop" if ended or cut != text or len(new_ids) < settings.max_new_tokens else "length"
+        if finish is None:
+            finish = "stop" if ended or cut != text or len(new_ids) < settings.max_new_tokens else "length"
         return Completion(cut, new_ids, finish)
 
 
+class StopWatch:
+    """Tracks one row's generated text and says when it first contains a stop string."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...]):
+        self.tokenizer, self.stop, self.ids = tokenizer, stop, []
+
+    def add(self, token: int) -> bool:
+        if not self.stop:
+            return False
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        return any(s in text for s in self.stop)
+
+
 class StopOnStrings(StoppingCriteria):
-    """Ends a row once its generated text (never the prompt) contains a stop string."""
+    """Ends a beam once its generated text (never the prompt) contains a stop string."""
 
     def __init__(self, tokenizer, stop: tuple[str, ...], prompt_length: int):
         self.tokenizer, self.stop, self.prompt_length = tokenizer, stop, prompt_length
@@ -277,36 +362,17 @@ class StopStringCutter:
         return longest
 
 
-class _TokenQueue:
-    """A transformers streamer that hands new token ids to another thread; iterating yields lists of ids."""
-
-    def __init__(self):
-        self._queue: queue.Queue = queue.Queue()
-        self._seen_prompt = False
-        self.error: BaseException | None = None
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._seen_prompt:  # transformers sends the prompt first
-            self._seen_prompt = True
-            return
-        self._queue.put(value.reshape(-1).tolist())
-
-    def end(self) -> None:
-        self._queue.put(None)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        while (item := self._queue.get()) is not None:
-            yield item
-
-
 def _merge(settings: GenerationSettings | None, overrides: dict) -> GenerationSettings:
     base = settings or GenerationSettings()
     changes = {k: v for k, v in overrides.items() if v is not None}
+    unknown = set(changes) - {f.name for f in dataclasses.fields(GenerationSettings)}
+    if unknown:
+        raise UsageError(f"unknown generation setting(s) {', '.join(sorted(unknown))}")
     return dataclasses.replace(base, **changes) if changes else base
 
 
 def generate(
-    prompt: str, model: str | LoadedModel | None = None, preset: str | None = None, **settings
+    prompt: str, model: str | LoadedModel | None = None, preset: str | None = None, engine: str = "auto", **settings
 ) -> GenerationResult:
     """Continue `prompt` with `model` (the bundled one by default), a preset and setting overrides."""
-    return Generator(model).generate(prompt, GenerationSettings.from_preset(preset, **settings))
+    return Generator(model, engine=engine).generate(prompt, GenerationSettings.from_preset(preset, **settings))

@@ -20,9 +20,9 @@ def manual_greedy(loaded, ids: list[int], steps: int) -> list[int]:
     return seq[len(ids):]
 
 
-@pytest.fixture(scope="module")
-def gen(tiny):
-    return Generator(tiny)
+@pytest.fixture(scope="module", params=["transformers", "fast"])
+def gen(tiny, request):
+    return Generator(tiny, engine=request.param)
 
 
 def test_greedy_matches_manual_argmax_token_for_token(gen, tiny):
@@ -35,7 +35,20 @@ def test_greedy_matches_manual_argmax_token_for_token(gen, tiny):
         expected = expected[: expected.index(eos)]
     assert result.completions[0].token_ids == expected
     assert result.prompt_tokens == len(ids)
-    assert result.engine == "transformers"
+    assert result.engine == {"transformers": "transformers", "fast": "fast-fp32"}[gen.engine_choice.value]
+
+
+def test_engines_give_the_same_sampled_text(tiny):
+    settings = GenerationSettings(max_new_tokens=25, temperature=1.0, top_k=0, top_p=0.9, seed=11,
+                                  repetition_penalty=1.3, no_repeat_ngram_size=2)
+    texts = {engine: Generator(tiny, engine=engine).generate(PROMPT, settings).text
+             for engine in ("transformers", "fast")}
+    assert texts["transformers"] == texts["fast"]
+
+
+def test_unknown_engine_is_refused(tiny):
+    with pytest.raises(UsageError, match="engine='warp'"):
+        Generator(tiny, engine="warp").generate(PROMPT)
 
 
 def test_same_seed_same_text_and_other_seed_differs(gen):

@@ -1,0 +1,116 @@
+import pytest
+import torch
+
+from rugpt.engines import create_engine
+from rugpt.engines.fast import FastEngine
+from rugpt.engines.linear import pack_linear, quantize_int8
+from rugpt.errors import UsageError
+
+
+def prompt_ids(tiny, text="Мой дядя самых честных правил"):
+    return tiny.tokenizer(text)["input_ids"]
+
+
+def run_tokens(engine, ids, continuation):
+    """Prefill `ids`, then feed `continuation` token by token; the logits of every step."""
+    row, logits = engine.prefill(ids)
+    out = [logits]
+    for token in continuation:
+        out.append(engine.step([row], [token])[0])
+    engine.release(row)
+    return torch.stack(out)
+
+
+def test_fast_logits_match_transformers_at_every_step(tiny):
+    ids = prompt_ids(tiny)
+    continuation = list(range(100, 140))
+    reference = run_tokens(create_engine(tiny, "transformers"), ids, continuation)
+    fast = run_tokens(create_engine(tiny, "fast"), ids, continuation)
+    torch.testing.assert_close(fast, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_batched_ragged_step_equals_rows_alone(tiny):
+    engine = create_engine(tiny, "fast")
+    prompts = [prompt_ids(tiny, t) for t in ("Буря мглою", "Я помню чудное мгновенье, передо мной", "Ночь")]
+    alone = [run_tokens(engine, p, [7, 8, 9]) for p in prompts]
+    rows = [engine.prefill(p)[0] for p in prompts]
+    batched = [engine.step(rows, [t, t, t]) for t in (7, 8, 9)]
+    for i in range(3):
+        torch.testing.assert_close(torch.stack([b[i] for b in batched]), alone[i][1:], atol=1e-5, rtol=1e-5)
+
+
+def test_release_keeps_the_other_rows_intact(tiny):
+    engine = create_engine(tiny, "fast")
+    a, b, c = (engine.prefill(prompt_ids(tiny, t))[0] for t in ("Один", "Два слова", "Три слова тут"))
+    expected_c = run_tokens(create_engine(tiny, "fast"), prompt_ids(tiny, "Три слова тут"), [5, 6])[1:]
+    engine.release(a)  # row c moves into a's slot
+    got = torch.stack([engine.step([c, b], [5, 5])[0], engine.step([c, b], [6, 6])[0]])
+    torch.testing.assert_close(got, expected_c, atol=1e-5, rtol=1e-5)
+    assert sorted(engine.active_rows) == sorted([b, c])
+
+
+def test_step_in_any_order_returns_logits_in_that_order(tiny):
+    engine = create_engine(tiny, "fast")
+    r1 = engine.prefill(prompt_ids(tiny, "Один"))[0]
+    r2 = engine.prefill(prompt_ids(tiny, "Два"))[0]
+    forward = engine.step([r1, r2], [3, 4])
+    engine2 = create_engine(tiny, "fast")
+    s1 = engine2.prefill(prompt_ids(tiny, "Один"))[0]
+    s2 = engine2.prefill(prompt_ids(tiny, "Два"))[0]
+    backward = engine2.step([s2, s1], [4, 3])
+    torch.testing.assert_close(backward[[1, 0]], forward)
+
+
+def test_prefill_with_embeddings_equals_token_prefill(tiny):
+    engine = create_engine(tiny, "fast")
+    ids = prompt_ids(tiny)
+    _, by_ids = engine.prefill(ids)
+    _, by_embeds = engine.prefill(ids, tiny.model.get_input_embeddings()(torch.tensor(ids)))
+    torch.testing.assert_close(by_embeds, by_ids)
+
+
+@pytest.mark.parametrize("weights, tolerance", [("bf16", 0.1), ("int8", 0.1)])
+def test_compressed_weights_stay_close(tiny, weights, tolerance):
+    ids = prompt_ids(tiny)
+    reference = run_tokens(create_engine(tiny, "fast"), ids, [10, 11, 12])
+    compressed = run_tokens(FastEngine(tiny.model, tiny.context_length, 4, weights), ids, [10, 11, 12])
+    scale = reference.abs().max()
+    assert (compressed - reference).abs().max() / scale < tolerance
+    assert (compressed.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.75
+
+
+def test_int8_quantisation_round_trip():
+    torch.manual_seed(0)
+    w = torch.randn(64, 32)
+    q, scale = quantize_int8(w)
+    assert q.dtype == torch.int8 and q.abs().max() == 127
+    torch.testing.assert_close(q.float() * scale[:, None], w, atol=float(scale.max()) / 2 + 1e-6, rtol=0)
+    conv_weight = w.t().contiguous()  # GPT-2's Conv1D layout [in, out]
+    x = torch.randn(3, 64 // 2)
+    exact = pack_linear(conv_weight, None, "fp32")(x)
+    torch.testing.assert_close(exact, x @ conv_weight)
+    approx = pack_linear(conv_weight, None, "int8")(x)
+    assert (approx - exact).abs().max() < 0.05 * exact.abs().max()
+
+
+def test_engine_limits_are_errors(tiny):
+    engine = create_engine(tiny, "fast", max_rows=1)
+    row, _ = engine.prefill([1, 2])
+    with pytest.raises(UsageError, match="max_rows=1"):
+        engine.prefill([1, 2])
+    with pytest.raises(UsageError, match="not active"):
+        engine.step([row + 5], [1])
+    with pytest.raises(UsageError, match="does not fit"):
+        create_engine(tiny, "fast").prefill(list(range(tiny.context_length)))
+    engine.release(row)
+    engine.release(row)  # releasing twice is harmless
+
+
+def test_fast_engine_refuses_other_architectures(tiny):
+    tiny.model.config.scale_attn_by_inverse_layer_idx = True
+    try:
+        with pytest.raises(UsageError, match="non-default attention scaling"):
+            create_engine(tiny, "fast")
+        assert create_engine(tiny, "auto").name == "transformers"
+    finally:
+        tiny.model.config.scale_attn_by_inverse_layer_idx = False
