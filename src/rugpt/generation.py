@@ -184,22 +184,37 @@ class Generator:
 
     def generate(self, prompt: str, settings: GenerationSettings | None = None, **overrides) -> GenerationResult:
         """Continue `prompt`; `overrides` replace fields of `settings` (default: the balanced preset)."""
+        return self.generate_batch([prompt], settings, **overrides)[0]
+
+    def generate_batch(
+        self, prompts: list[str], settings: GenerationSettings | None = None, **overrides
+    ) -> list[GenerationResult]:
+        """Continue several prompts, decoded together in one batch; one result per prompt, in order.
+
+        Each row samples with its own seed (`seed + row`), so a prompt's text does not depend on
+        which other prompts share the batch.
+        """
         settings = _merge(settings, overrides)
-        ids, truncated = self.encode_prompt(prompt, settings.max_new_tokens)
+        if not prompts:
+            raise UsageError("prompts is empty: give at least one prompt")
+        encoded = [self.encode_prompt(p, settings.max_new_tokens) for p in prompts]
         if settings.num_beams > 1:
-            output = self._beam_search(ids, settings)
-            completions = [self._completion(row[len(ids):].tolist(), settings) for row in output]
-            return GenerationResult(prompt, completions, len(ids), truncated, "transformers")
-        token_lists = [[] for _ in range(settings.num_return_sequences)]
-        finish = ["length"] * settings.num_return_sequences
-        engine = self.engine(settings.num_return_sequences)
-        for index, token, reason in self.decode(ids, settings):
+            return [self._beam_result(p, ids, cut, settings) for p, (ids, cut) in zip(prompts, encoded, strict=True)]
+        n = settings.num_return_sequences
+        rows = len(prompts) * n
+        tokens: list[list[int]] = [[] for _ in range(rows)]
+        finish = ["length"] * rows
+        engine = self.engine(rows)
+        for index, token, reason in self.decode([ids for ids, _ in encoded], settings):
             if token is not None:
-                token_lists[index].append(token)
+                tokens[index].append(token)
             if reason is not None:
                 finish[index] = reason
-        completions = [self._completion(tokens, settings, finish[i]) for i, tokens in enumerate(token_lists)]
-        return GenerationResult(prompt, completions, len(ids), truncated, engine.name)
+        completions = [self._completion(tokens[r], settings, finish[r]) for r in range(rows)]
+        return [
+            GenerationResult(prompt, completions[i * n : i * n + n], len(ids), truncated, engine.name)
+            for i, (prompt, (ids, truncated)) in enumerate(zip(prompts, encoded, strict=True))
+        ]
 
     def stream(self, prompt: str, settings: GenerationSettings | None = None, **overrides) -> Iterator[str]:
         """Yield text pieces of one continuation as they are produced (greedy or sampling, one sequence)."""
@@ -207,39 +222,44 @@ class Generator:
         if settings.num_beams > 1 or settings.num_return_sequences > 1:
             raise UsageError("streaming needs num_beams=1 and num_return_sequences=1; use generate() for beams")
         ids, _ = self.encode_prompt(prompt, settings.max_new_tokens)
-        tokens = ([token] for _, token, _ in self.decode(ids, settings) if token is not None)
+        tokens = ([token] for _, token, _ in self.decode([ids], settings) if token is not None)
         yield from StopStringCutter(self.tokenizer, settings.stop).pieces(tokens)
 
-    def decode(self, ids: list[int], settings: GenerationSettings) -> Iterator[tuple[int, int | None, str | None]]:
-        """Decode `num_return_sequences` rows from one prompt on the engine, all rows stepped together.
+    def decode(
+        self, prompts: list[list[int]], settings: GenerationSettings
+    ) -> Iterator[tuple[int, int | None, str | None]]:
+        """Decode `num_return_sequences` rows per prompt on the engine, all rows stepped together.
 
         Yields (row index, new token or None, finish reason or None) as tokens are picked; the token
-        that ends a row by end-of-text is not yielded. Row i samples with seed `seed + i`.
+        that ends a row by end-of-text is not yielded. Row r samples with seed `seed + r`.
         """
-        engine = self.engine(settings.num_return_sequences)
+        n = settings.num_return_sequences
+        engine = self.engine(len(prompts) * n)
         params = settings.sampling_params()
         eos = self.tokenizer.eos_token_id
-        embeds = self._prompt_embeds(ids)
         rows, samplers, logits = [], [], []
         try:
-            for i in range(settings.num_return_sequences):
-                row, row_logits = engine.prefill(ids, embeds)
-                rows.append(row)
-                samplers.append(RowSampler(params, ids, None if settings.seed is None else settings.seed + i))
-                logits.append(row_logits)
+            for ids in prompts:
+                embeds = self._prompt_embeds(ids)
+                for _ in range(n):
+                    row, row_logits = engine.prefill(ids, embeds)
+                    seed = None if settings.seed is None else settings.seed + len(rows)
+                    rows.append(row)
+                    samplers.append(RowSampler(params, ids, seed))
+                    logits.append(row_logits)
             active = list(range(len(rows)))
             generated = [0] * len(rows)
-            texts = [StopWatch(self.tokenizer, settings.stop) for _ in rows]
+            watches = [StopWatch(self.tokenizer, settings.stop) for _ in rows]
             while active:
                 step_rows, step_tokens = [], []
                 for position, i in enumerate(active):
                     token = samplers[i].next_token(logits[position])
-                    reason = None
                     if token == eos:
                         yield i, None, "stop"
                         continue
                     generated[i] += 1
-                    if texts[i].add(token):
+                    reason = None
+                    if watches[i].add(token):
                         reason = "stop"
                     elif generated[i] >= settings.max_new_tokens or engine.lengths[rows[i]] >= engine.context_length:
                         reason = "length"  # the budget is spent, or the context is full and no step can follow
@@ -253,6 +273,11 @@ class Generator:
         finally:
             for row in rows:
                 engine.release(row)
+
+    def _beam_result(self, prompt: str, ids: list[int], truncated: bool, settings: GenerationSettings):
+        output = self._beam_search(ids, settings)
+        completions = [self._completion(row[len(ids):].tolist(), settings) for row in output]
+        return GenerationResult(prompt, completions, len(ids), truncated, "transformers")
 
     def _prompt_embeds(self, ids: list[int]) -> torch.Tensor | None:
         """Input embeddings when the model's embedding layer is patched (a trained prompt), else None."""

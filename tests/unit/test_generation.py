@@ -166,3 +166,13 @@ def test_stream_cutter_holds_back_a_possible_stop_prefix():
     assert pieces[-1] == "\nБо"  # ...but "\nБо" was held back until the end
     full = [[ord(c)] for c in "Привет\nБот: пока"]
     assert "".join(cutter.pieces(iter(full))) == "Привет"
+
+
+def test_batch_equals_each_prompt_alone(gen):
+    prompts = [PROMPT, "Ночь, улица, фонарь, аптека", "Жил старик со своею старухой у самого синего моря"]
+    settings = GenerationSettings(max_new_tokens=10, temperature=1.0, top_k=0, seed=5)
+    batch = gen.generate_batch(prompts, settings)
+    for i, prompt in enumerate(prompts):
+        alone = gen.generate(prompt, settings, seed=5 + i)
+        assert batch[i].completions[0].token_ids == alone.completions[0].token_ids
+        assert batch[i].prompt == prompt
