@@ -1,0 +1,186 @@
+"""Decode speed: rugpt's generation path on each engine against transformers `generate`, in one run.
+
+A randomly initialised GPT-2 with ruGPT-3 small's shape (speed does not depend on weight values),
+greedy, a 64-token prompt, 128 new tokens, batch 1 and 8, 2 threads. Each case runs in its own
+process so its peak memory (RSS) is its own. Also measures this machine's copy bandwidth and the
+decode rate it allows (bytes of weights read per token / bandwidth).
+
+    python benchmarks/decode_speed.py            # full run, writes benchmarks/results/decode_speed.json
+    python benchmarks/decode_speed.py --quick    # tiny model, a smoke test of the script itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parent
+SMALL = dict(vocab_size=50264, n_layer=12, n_embd=768, n_head=12, n_positions=2048)
+QUICK = dict(vocab_size=8000, n_layer=2, n_embd=64, n_head=2, n_positions=512)
+PROMPT_TOKENS, NEW_TOKENS = 64, 128
+
+CASES = [
+    ("transformers-generate", "fp32", 1), ("transformers-generate", "fp32", 8), ("transformers-generate", "bf16", 1),
+    ("rugpt", "transformers", 1),
+    ("rugpt", "fast", 1), ("rugpt", "fast", 8),
+    ("rugpt", "fast-bf16", 1), ("rugpt", "fast-bf16", 8),
+    ("rugpt", "fast-int8", 1), ("rugpt", "fast-int8", 8),
+]
+
+
+def build_model(folder: Path, shape: dict) -> Path:
+    """Random GPT-2 of `shape`, saved with the bundled tokenizer; the end-of-text row is zeroed so greedy
+    decoding never stops early (its logit is 0 while the maximum of the others is positive)."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from rugpt.models import BUNDLED_DIR
+
+    if (folder / "model.safetensors").exists():
+        return folder
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(**shape, bos_token_id=0, eos_token_id=0))
+    with torch.no_grad():
+        model.transformer.wte.weight[0].zero_()
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(BUNDLED_DIR).save_pretrained(folder)
+    return folder
+
+
+def copy_bandwidth_gb_s(megabytes: int = 1024, repeats: int = 5) -> float:
+    """Best observed rate of copying a large fp32 buffer (bytes copied per second)."""
+    src = torch.ones(megabytes * 2**20 // 4)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return src.numel() * 4 / best / 1e9
+
+
+def prompts(batch: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randint(1, 8000, (PROMPT_TOKENS,), generator=gen).tolist() for _ in range(batch)]
+
+
+def run_transformers(folder: Path, dtype: str, batch: int) -> float:
+    """Seconds for one `generate` call of NEW_TOKENS tokens (prefill included)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+    ids = torch.tensor(prompts(batch))
+
+    def once(new_tokens: int) -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, pad_token_id=0)
+        return time.perf_counter() - start
+
+    once(4)
+    return min(once(NEW_TOKENS) for _ in range(2))
+
+
+def run_rugpt(folder: Path, engine: str, batch: int) -> float:
+    """Seconds for rugpt's generation path (Generator.decode: engine + sampler) on `batch` prompts."""
+    from rugpt.generation import GenerationSettings, Generator
+
+    generator = Generator(str(folder), engine=engine)
+    settings = GenerationSettings.from_preset("greedy", no_repeat_ngram_size=0, max_new_tokens=NEW_TOKENS)
+    rows = prompts(batch)
+
+    def once(s: GenerationSettings) -> float:
+        start = time.perf_counter()
+        produced = sum(1 for _, token, _ in generator.decode(rows, s) if token is not None)
+        elapsed = time.perf_counter() - start
+        assert produced == batch * s.max_new_tokens, produced
+        return elapsed
+
+    once(GenerationSettings.from_preset("greedy", no_repeat_ngram_size=0, max_new_tokens=4))
+    return min(once(settings) for _ in range(2))
+
+
+def child(args) -> None:
+    torch.set_num_threads(args.threads)
+    runner = run_transformers if args.kind == "transformers-generate" else run_rugpt
+    seconds = runner(Path(args.folder), args.variant, args.batch)
+    peak_mb = peak_rss_mb()
+    print(json.dumps({"seconds": seconds, "tokens_per_s": args.batch * NEW_TOKENS / seconds, "peak_rss_mb": peak_mb}))
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM; unlike ru_maxrss it does not carry the parent's peak
+    across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_case(folder: Path, kind: str, variant: str, batch: int, threads: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", "--folder", str(folder), "--kind", kind, "--variant", variant,
+           "--batch", str(batch), "--threads", str(threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny model: check that the script works")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "decode_speed.json")
+    parser.add_argument("--only", nargs="*", help="run only cases whose 'kind:variant' contains one of these")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument("--kind", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+    torch.set_num_threads(args.threads)
+    shape = QUICK if args.quick else SMALL
+    folder = build_model(Path("/tmp") / ("rugpt-bench-quick" if args.quick else "rugpt-bench-small"), shape)
+    params = sum(t.numel() for t in load_file(folder / "model.safetensors").values())
+    bandwidth = copy_bandwidth_gb_s(256 if args.quick else 1024)
+    results = []
+    for kind, variant, batch in CASES:
+        if args.only and not any(o in f"{kind}:{variant}" for o in args.only):
+            continue
+        row = {"kind": kind, "variant": variant, "batch": batch} | run_case(folder, kind, variant, batch, args.threads)
+        print(json.dumps(row), flush=True)
+        results.append(row)
+    report = {
+        "machine": {"cpu": cpu_name(), "threads": args.threads,
+                    "torch": torch.__version__, "copy_bandwidth_gb_s": round(bandwidth, 1)},
+        "model": shape | {"parameters": params},
+        "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS,
+        "bandwidth_limit_tokens_per_s": {"fp32": bandwidth * 1e9 / (params * 4), "bf16": bandwidth * 1e9 / (params * 2),
+                                         "int8": bandwidth * 1e9 / params},
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
