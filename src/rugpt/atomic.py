@@ -43,6 +43,7 @@ def atomic_write_dir(path: Path) -> Iterator[Path]:
     try:
         yield tmp
         _fsync_tree(tmp)
+        _umask_permissions(tmp)
         old = path.with_name(path.name + ".old")
         if old.exists():
             shutil.rmtree(old)
@@ -53,6 +54,15 @@ def atomic_write_dir(path: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask_permissions(folder: Path) -> None:
+    """mkdtemp makes private (0700) folders; the result should look like any folder the user creates."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for file in folder.rglob("*"):
+        os.chmod(file, (0o777 if file.is_dir() else 0o666) & ~umask)
 
 
 def _fsync_tree(folder: Path) -> None:
