@@ -34,6 +34,11 @@ CASES = [
     ("rugpt", "fast", 1), ("rugpt", "fast", 8),
     ("rugpt", "fast-bf16", 1), ("rugpt", "fast-bf16", 8),
     ("rugpt", "fast-int8", 1), ("rugpt", "fast-int8", 8),
+    ("rugpt", "llamacpp-f32", 1), ("rugpt", "llamacpp-f32", 8),
+    ("rugpt", "llamacpp-f16", 1), ("rugpt", "llamacpp-f16", 8),
+    ("rugpt", "llamacpp-q8", 1), ("rugpt", "llamacpp-q8", 8),
+    # llama-cpp-python's own high-level loop on the same GGUF files: llama.cpp without rugpt around it
+    ("llama-cpp-python", "f32", 1), ("llama-cpp-python", "q8_0", 1),
 ]
 
 
@@ -109,9 +114,35 @@ def run_rugpt(folder: Path, engine: str, batch: int) -> float:
     return min(once(settings) for _ in range(2))
 
 
+def run_llama_cpp(folder: Path, gguf_type: str, batch: int) -> float:
+    """Seconds for llama-cpp-python's `Llama.generate` (greedy, its own sampler) on one prompt."""
+    from llama_cpp import Llama
+
+    from rugpt.engines.gguf_convert import convert
+
+    assert batch == 1, "llama-cpp-python's high-level API decodes one sequence"
+    threads = torch.get_num_threads()
+    llm = Llama(model_path=str(convert(folder, gguf_type)), n_ctx=PROMPT_TOKENS + NEW_TOKENS + 8, n_batch=PROMPT_TOKENS,
+                n_threads=threads, n_threads_batch=threads, verbose=False)
+    ids = prompts(1)[0]
+
+    def once(new_tokens: int) -> float:
+        start = time.perf_counter()
+        for produced, _ in enumerate(llm.generate(ids, top_k=1, temp=0.0, reset=True), start=1):
+            if produced == new_tokens:
+                break
+        return time.perf_counter() - start
+
+    once(4)
+    return min(once(NEW_TOKENS) for _ in range(2))
+
+
+RUNNERS = {"transformers-generate": run_transformers, "rugpt": run_rugpt, "llama-cpp-python": run_llama_cpp}
+
+
 def child(args) -> None:
     torch.set_num_threads(args.threads)
-    runner = run_transformers if args.kind == "transformers-generate" else run_rugpt
+    runner = RUNNERS[args.kind]
     seconds = runner(Path(args.folder), args.variant, args.batch)
     peak_mb = peak_rss_mb()
     print(json.dumps({"seconds": seconds, "tokens_per_s": args.batch * NEW_TOKENS / seconds, "peak_rss_mb": peak_mb}))

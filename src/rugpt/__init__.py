@@ -1,20 +1,48 @@
-"""rugpt: Russian GPT language models at work — load, generate, score, fine-tune, prompt-tune, serve."""
+"""rugpt: Russian GPT language models at work — load, generate, score, fine-tune, prompt-tune, serve.
+
+Names are imported on first use, so `import rugpt` (and the CLI) starts without loading torch.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 from rugpt.errors import DataError, ModelNotFound, RugptError, UsageError
-from rugpt.generation import GenerationResult, GenerationSettings, Generator, generate
-from rugpt.models import LoadedModel, list_models, load
 
-__all__ = [
-    "DataError",
-    "GenerationResult",
-    "GenerationSettings",
-    "Generator",
-    "LoadedModel",
-    "ModelNotFound",
-    "RugptError",
-    "UsageError",
-    "generate",
-    "list_models",
-    "load",
-]
+_LAZY = {
+    "Chat": "rugpt.apps.chat",
+    "ChatSettings": "rugpt.apps.chat",
+    "Classifier": "rugpt.classification",
+    "ClassifierSettings": "rugpt.classification",
+    "FinetuneResult": "rugpt.training.finetune",
+    "FinetuneSettings": "rugpt.training.settings",
+    "GenerationResult": "rugpt.generation",
+    "GenerationSettings": "rugpt.generation",
+    "Generator": "rugpt.generation",
+    "LoadedModel": "rugpt.models",
+    "Recommender": "rugpt.apps.recommender",
+    "RecommenderSettings": "rugpt.apps.recommender",
+    "ScoreSettings": "rugpt.scoring",
+    "Scorer": "rugpt.scoring",
+    "classify": "rugpt.classification",
+    "finetune": "rugpt.training.finetune",
+    "generate": "rugpt.generation",
+    "list_models": "rugpt.models",
+    "load": "rugpt.models",
+    "play": "rugpt.apps.adventure.terminal",
+    "prompt_tune": "rugpt.prompts.training",
+    "read_jsonl": "rugpt.jsonl",
+    "recommend": "rugpt.apps.recommender",
+    "score": "rugpt.scoring",
+}
+
+__all__ = ["DataError", "ModelNotFound", "RugptError", "UsageError", *_LAZY]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'rugpt' has no attribute {name!r}")

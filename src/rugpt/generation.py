@@ -144,15 +144,15 @@ class Generator:
     """Keeps a model (and its decode engine) loaded; `rugpt.generate` is the one-call version.
 
     Beam search runs on transformers' `generate`; everything else runs on the decode engine
-    (`engine`: auto, transformers, fast, fast-bf16, fast-int8) with rugpt's own sampler.
+    (`engine`: auto, transformers, fast, fast-bf16, fast-int8, llamacpp-f32/-f16/-q8) with rugpt's own sampler.
     """
 
     def __init__(self, model: LoadedModel | str | None = None, device: str | None = None, dtype: str | None = None,
                  engine: str = "auto"):
-        from rugpt.engines import EngineChoice
+        from rugpt.engines import parse_engine
 
+        self.engine_choice = parse_engine(engine)  # before loading: a typo should not cost a model load
         self.loaded = model if isinstance(model, LoadedModel) else load(model, device=device, dtype=dtype)
-        self.engine_choice = EngineChoice(engine) if engine in {c.value for c in EngineChoice} else engine
         self._engine = None
 
     @property
@@ -161,9 +161,11 @@ class Generator:
 
     def engine(self, rows: int = 1):
         """The decode engine, built on first use (and rebuilt if more rows are needed at once)."""
-        from rugpt.engines import create_engine
+        from rugpt.engines import create_engine, embeddings_patched
 
-        if self._engine is None or self._engine.max_rows < rows:
+        # A trained prompt patched in after the engine was built needs an engine that takes embeddings.
+        stale = self._engine is not None and not self._engine.accepts_embeds and embeddings_patched(self.loaded.model)
+        if self._engine is None or self._engine.max_rows < rows or stale:
             self._engine = create_engine(self.loaded, self.engine_choice, max_rows=max(rows, 8))
         return self._engine
 
@@ -245,7 +247,8 @@ class Generator:
                     row, row_logits = engine.prefill(ids, embeds)
                     seed = None if settings.seed is None else settings.seed + len(rows)
                     rows.append(row)
-                    samplers.append(RowSampler(params, ids, seed))
+                    # Trained-prompt tokens lie past the output vocabulary: nothing to penalise or ban there.
+                    samplers.append(RowSampler(params, [t for t in ids if t < engine.vocab_size], seed))
                     logits.append(row_logits)
             active = list(range(len(rows)))
             generated = [0] * len(rows)

@@ -18,9 +18,18 @@ def test_generate_json_greedy_is_repeatable(tiny_model_dir):
     first, second = run(*args), run(*args)
     assert first.exit_code == 0, first.output
     payload = json.loads(first.stdout)
-    assert payload["engine"] == "transformers" and payload["prompt"] == "Жили-были"
+    assert payload["engine"] == "fast-fp32" and payload["prompt"] == "Жили-были"
     assert len(payload["completions"][0]["token_ids"]) <= 6
     assert first.stdout == second.stdout
+
+
+def test_generate_engine_override_is_reported(tiny_model_dir):
+    result = run("generate", "Жили-были", "--model", str(tiny_model_dir), "--engine", "transformers",
+                 "--max-new-tokens", "3", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["engine"] == "transformers"
+    bad = run("generate", "Жили-были", "--model", str(tiny_model_dir), "--engine", "warp")
+    assert bad.exit_code == 2 and "engine='warp'" in bad.stderr
 
 
 def test_generate_reads_stdin(tiny_model_dir):

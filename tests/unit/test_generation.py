@@ -48,7 +48,7 @@ def test_engines_give_the_same_sampled_text(tiny):
 
 def test_unknown_engine_is_refused(tiny):
     with pytest.raises(UsageError, match="engine='warp'"):
-        Generator(tiny, engine="warp").generate(PROMPT)
+        Generator(tiny, engine="warp")
 
 
 def test_same_seed_same_text_and_other_seed_differs(gen):

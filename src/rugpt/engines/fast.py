@@ -101,12 +101,15 @@ class FastEngine(DecodeEngine):
         self.k_cache = [torch.empty(shape, device=device, dtype=dtype) for _ in self.layers]
         self.v_cache = [torch.empty(shape, device=device, dtype=dtype) for _ in self.layers]
         self.slot_of: dict[int, int] = {}
+        # Positions [0, written[slot]) of a slot hold finite numbers; beyond is torch.empty memory, maybe NaN.
+        self.written = [0] * max_rows
 
     @torch.inference_mode()
     def _prefill(self, row: int, token_ids: list[int], embeds: torch.Tensor | None) -> torch.Tensor:
         slot = len(self.slot_of)
         self.slot_of[row] = slot
         n = len(token_ids)
+        self.written[slot] = max(self.written[slot], n)
         positions = torch.arange(n, device=self.wte.device)
         x = embeds.to(self.wte) if embeds is not None else self.wte[torch.tensor(token_ids, device=self.wte.device)]
         h = (x + self.wpe[positions]).unsqueeze(0)  # [1, T, d]
@@ -130,6 +133,9 @@ class FastEngine(DecodeEngine):
         mask = None
         if int(positions.min()) + 1 != width:  # rows of different lengths: hide each row's unused positions
             mask = (torch.arange(width, device=self.wte.device)[None, :] <= positions[:, None])[:, None, None, :]
+            self._clear_unwritten(slots, width)
+        for slot, position in zip(slots, positions.tolist(), strict=True):
+            self.written[slot] = max(self.written[slot], position + 1)
         h = (self.wte[tokens] + self.wpe[positions]).unsqueeze(1)  # [n, 1, d]
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, h)  # each [n, H, 1, hd]
@@ -147,6 +153,19 @@ class FastEngine(DecodeEngine):
         for position, original in enumerate(order):
             inverse[original] = position
         return logits[inverse]
+
+    def _clear_unwritten(self, slots: list[int], width: int) -> None:
+        """Zero the cache positions below `width` that no row wrote: a masked attention weight is 0, but 0 times
+        a NaN left in torch.empty memory is still NaN, which would poison the shorter rows of a ragged step."""
+        starts: dict[int, list[int]] = {}
+        for slot in slots:
+            if self.written[slot] < width:
+                starts.setdefault(self.written[slot], []).append(slot)
+                self.written[slot] = width
+        for start, group in starts.items():
+            index = torch.tensor(group, device=self.wte.device)
+            for cache in (*self.k_cache, *self.v_cache):
+                cache[index, :, start:width] = 0
 
     def _qkv(self, layer: _Layer, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n, t, d = h.shape
@@ -175,4 +194,5 @@ class FastEngine(DecodeEngine):
         for cache in (*self.k_cache, *self.v_cache):
             cache[slot, :, :length] = cache[last, :, :length]
         self.slot_of[moved] = slot
+        self.written[slot] = max(self.written[slot], length)
 

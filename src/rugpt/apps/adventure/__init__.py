@@ -1,0 +1,32 @@
+"""A Russian text adventure (AI Dungeon / gamio style): scenarios, memory, author's note, world-info cards,
+retry / undo / redo / edit, saved in SQLite; played in the terminal (`rugpt play`) or on the /play page.
+
+    from rugpt.apps.adventure import Adventure, Game, TokenCounter, load_scenario, local_completer
+    from rugpt import Generator
+    generator = Generator()
+    game = Game(Adventure.from_scenario(load_scenario("fantasy")), TokenCounter(generator.tokenizer),
+                generator.loaded.context_length)
+    turn = game.act("do", "я иду в корчму", local_completer(generator))   # «Вы идёте в корчму.» + the story
+"""
+
+from rugpt.apps.adventure.context import Context, TokenCounter, build_context
+from rugpt.apps.adventure.engine import Game, PendingTurn, local_completer
+from rugpt.apps.adventure.grammar import as_speech, to_second_person
+from rugpt.apps.adventure.scenario import Scenario, list_scenarios, load_scenario
+from rugpt.apps.adventure.state import (
+    ActionKind,
+    Adventure,
+    AdventureSettings,
+    Turn,
+    export_adventure,
+    import_adventure,
+)
+from rugpt.apps.adventure.store import AdventureNotFound, AdventureStore
+from rugpt.apps.adventure.trimming import trim_to_sentence
+from rugpt.apps.adventure.worldinfo import WorldCard
+
+__all__ = [
+    "ActionKind", "Adventure", "AdventureNotFound", "AdventureSettings", "AdventureStore", "Context", "Game",
+    "PendingTurn", "Scenario", "TokenCounter", "Turn", "WorldCard", "as_speech", "build_context", "export_adventure",
+    "import_adventure", "list_scenarios", "load_scenario", "local_completer", "to_second_person", "trim_to_sentence",
+]

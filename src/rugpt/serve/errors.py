@@ -1,0 +1,94 @@
+"""Errors in OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+
+A client's mistake is always a 4xx with a message saying what to change; only our own faults are 500,
+and those never echo internals (the traceback goes to the log).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from rugpt.errors import ModelNotFound, RugptError, UsageError
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """An answer other than success, as OpenAI shapes it; `headers` carries e.g. Retry-After."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def too_many(message: str, retry_after: float | None, code: str) -> APIError:
+    seconds = str(max(1, math.ceil(retry_after or 1)))
+    return APIError(429, message, type="rate_limit_error", code=code, headers={"Retry-After": seconds})
+
+
+def unavailable(message: str, code: str) -> APIError:
+    return APIError(503, message, type="server_error", code=code)
+
+
+def from_rugpt_error(exc: RugptError) -> APIError:
+    """A library error raised by a request's values (a setting, a prompt) is the client's to fix."""
+    if isinstance(exc, ModelNotFound):
+        return APIError(404, str(exc), code="model_not_found")
+    return bad_request(str(exc))
+
+
+def internal(exc: BaseException) -> APIError:
+    log.error("internal error while serving a request", exc_info=exc)
+    return APIError(500, "internal server error; the server log has the details", type="server_error")
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(loc) or None
+    message = first.get("msg", "invalid request")
+    return (f"{param}: {message}" if param else message), param
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Every error leaves the server in OpenAI's shape, with the status that says whose fault it is."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return bad_request(message, param=param).response()
+
+    @app.exception_handler(UsageError)
+    async def _usage(request: Request, exc: UsageError) -> JSONResponse:
+        return from_rugpt_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return APIError(exc.status_code, str(exc.detail), type=kind, headers=dict(exc.headers or {})).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return internal(exc).response()

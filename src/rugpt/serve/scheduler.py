@@ -1,0 +1,364 @@
+"""The batching scheduler: the one place where requests of different people are decoded together.
+
+Requests wait in a bounded FIFO queue; one worker thread owns the decode engine and runs a loop of
+(admit waiting requests into free rows → drop cancelled rows → sample one token per row → one batched
+engine step). A request joins the running batch between two steps and leaves it as soon as it is done
+(continuous batching, as in Orca, OSDI '22), so rows of different lengths, sampling settings and trained
+prompts share every step. Each row samples with its own seeded generator, so its text does not depend
+on what it was batched with.
+
+The asyncio side talks to the worker through a lock-protected queue and per-request asyncio queues
+fed with `loop.call_soon_threadsafe`; torch releases the GIL, so the event loop stays responsive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+import time
+from collections import Counter, deque
+
+from rugpt.engines.base import DecodeEngine
+from rugpt.errors import RugptError
+from rugpt.serve.errors import APIError, from_rugpt_error, internal, too_many, unavailable
+from rugpt.serve.jobs import DecodeRequest, Event, Failed, Finished, Job, Started
+from rugpt.serve.metrics import ServerMetrics
+from rugpt.serve.rows import DecodeRow, RowEnd
+
+log = logging.getLogger(__name__)
+
+
+class Ticket:
+    """The asyncio side's handle on a submitted request."""
+
+    def __init__(self, scheduler: BatchScheduler, job: Job, position: int, expected_wait: float | None):
+        self._scheduler, self._job = scheduler, job
+        self.id = job.id
+        self.position_at_submit, self.expected_wait_at_submit = position, expected_wait
+
+    @property
+    def rows(self) -> int:
+        return len(self._job.request.rows)
+
+    def queue_position(self) -> tuple[int, float | None]:
+        """(1-based place among waiting requests, expected seconds until start); (0, 0.0) once started."""
+        return self._scheduler.queue_position(self._job)
+
+    async def next_event(self, timeout: float | None = None) -> Event | None:
+        """The next event, or None when `timeout` seconds pass without one."""
+        try:
+            return await asyncio.wait_for(self._job.events.get(), timeout)
+        except TimeoutError:
+            return None
+
+    def cancel(self, cause: str = "client") -> bool:
+        return self._scheduler.cancel(self.id, cause)
+
+
+class BatchScheduler:
+    """Owns the engine through one worker thread; `submit` from the event loop, `stop` at shutdown."""
+
+    def __init__(self, engine: DecodeEngine, tokenizer, metrics: ServerMetrics | None = None, *,
+                 max_waiting: int = 64, max_queue_seconds: float = 0.0, max_inflight_per_key: int = 0):
+        self.engine, self.tokenizer = engine, tokenizer
+        self.metrics = metrics or ServerMetrics()
+        self.max_batch = engine.max_rows
+        self.max_waiting, self.max_queue_seconds = max_waiting, max_queue_seconds
+        self.max_inflight_per_key = max_inflight_per_key
+        self._cond = threading.Condition()
+        self._waiting: deque[Job] = deque()  # no free rows for them yet, first come first served
+        self._ready: list[Job] = []  # rows reserved, to be prefilled by the decode thread
+        self._jobs: dict[str, Job] = {}  # waiting and running, by id
+        self._per_key: Counter[str] = Counter()
+        self._reserved = 0  # rows held by running jobs (and by jobs being prefilled)
+        self._rows: list[DecodeRow] = []  # worker thread only
+        self._mean_run: float | None = None  # moving average of a request's decode time, for wait estimates
+        self._stopping = False
+        self._crashed: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="rugpt-decode", daemon=True)
+
+    # --- event-loop side ----------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def ready(self) -> bool:
+        return self._thread.is_alive() and not self._stopping and self._crashed is None
+
+    def submit(self, request: DecodeRequest, key: str | None = None, job_id: str | None = None) -> Ticket:
+        """Queue a request (raises APIError 429 / 409 / 503 when it cannot be taken); call on the event loop."""
+        job = Job(job_id or f"req-{secrets.token_hex(12)}", request, key, asyncio.get_running_loop())
+        with self._cond:
+            self._check_admissible(job)
+            self._jobs[job.id] = job
+            if key is not None:
+                self._per_key[key] += 1
+            self._waiting.append(job)
+            self._promote()
+            position, wait = self._position(job)
+            self._cond.notify()
+        return Ticket(self, job, position, wait)
+
+    def cancel(self, job_id: str, cause: str = "client") -> bool:
+        """Cancel a waiting or running request; a running one leaves the batch before the next step."""
+        with self._cond:
+            job = self._jobs.get(job_id)
+            if job is None or job.cancel_cause is not None:
+                return False
+            job.cancel_cause = cause
+            if job in self._waiting or job in self._ready:  # not started: answer at once
+                if job in self._ready:
+                    self._ready.remove(job)
+                    self._reserved -= len(job.request.rows)
+                else:
+                    self._waiting.remove(job)
+                self._forget(job)
+                self._promote()
+                for index in range(len(job.request.rows)):
+                    job.post(Finished(index, "", (), "cancelled"))
+        self.metrics.cancellations.labels(cause).inc()
+        return True
+
+    def owner(self, job_id: str) -> tuple[bool, str | None]:
+        """(whether a request with this id is waiting or running, the API key that sent it)."""
+        with self._cond:
+            job = self._jobs.get(job_id)
+            return (job is not None, job.key if job else None)
+
+    def queue_position(self, job: Job) -> tuple[int, float | None]:
+        with self._cond:
+            return self._position(job) if job in self._waiting else (0, 0.0)
+
+    async def stop(self, grace: float) -> None:
+        """Refuse new requests, fail waiting ones, give running ones `grace` seconds, then fail them; never hangs."""
+        with self._cond:
+            self._stopping = True
+            for job in list(self._waiting):
+                job.post(Failed(unavailable("the server is shutting down; retry later", "shutting_down")))
+                self._forget(job)
+            self._waiting.clear()
+            self.metrics.queue_depth.set(0)
+            self._cond.notify()
+        if not self._thread.is_alive():
+            return
+        await asyncio.to_thread(self._thread.join, grace)
+        if self._thread.is_alive():
+            with self._cond:
+                for job in self._jobs.values():
+                    job.cancel_cause = job.cancel_cause or "shutdown"
+            await asyncio.to_thread(self._thread.join, 5.0)  # one prefill or step
+        if self._thread.is_alive():
+            log.warning("the decode thread is still busy after shutdown; leaving it behind (daemon thread)")
+
+    # --- under the lock ----------------------------------------------------------------------------------------
+
+    def _check_admissible(self, job: Job) -> None:
+        if self._stopping or self._crashed is not None:
+            raise unavailable("the server is shutting down or its decode loop failed; retry later", "not_ready")
+        if job.id in self._jobs:
+            raise APIError(409, f"a request with id {job.id!r} is already running; use another X-Request-Id",
+                           code="duplicate_request_id")
+        limit = self.max_inflight_per_key
+        if limit and job.key is not None and self._per_key[job.key] >= limit:
+            self.metrics.rejections.labels("per_key_limit").inc()
+            raise too_many(f"this API key already has {limit} requests running or waiting (the per-key limit); "
+                           f"wait for one to finish", self._mean_run, "per_key_limit")
+        must_wait = self._waiting or self.max_batch - self._reserved < len(job.request.rows)
+        if must_wait and len(self._waiting) >= self.max_waiting:  # requests about to start do not count
+            self.metrics.rejections.labels("queue_full").inc()
+            _, wait = self._position_after(len(self._waiting), sum(len(j.request.rows) for j in self._waiting))
+            raise too_many(f"the server is busy: {len(self._waiting)} requests are already waiting; retry later",
+                           wait, "queue_full")
+
+    def _promote(self) -> None:
+        """Reserve rows for waiting requests, in order, while the first of them fits."""
+        while self._waiting and len(self._waiting[0].request.rows) <= self.max_batch - self._reserved:
+            job = self._waiting.popleft()
+            self._reserved += len(job.request.rows)
+            self._ready.append(job)
+        self.metrics.queue_depth.set(len(self._waiting))
+
+    def _position(self, job: Job) -> tuple[int, float | None]:
+        rows = 0
+        for place, waiting in enumerate(self._waiting, start=1):
+            rows += len(waiting.request.rows)
+            if waiting is job:
+                return self._position_after(place, rows)
+        return 0, 0.0
+
+    def _position_after(self, place: int, rows_through: int) -> tuple[int, float | None]:
+        """Place in the queue and expected wait of a request with `rows_through` rows up to and including its own."""
+        short = rows_through - (self.max_batch - self._reserved)
+        if short <= 0:
+            return 0, 0.0
+        # Rows leave the batch at about max_batch / mean_run per second; `short` of them must leave first.
+        wait = None if self._mean_run is None else short * self._mean_run / self.max_batch
+        return place, wait
+
+    def _forget(self, job: Job) -> None:
+        self._jobs.pop(job.id, None)
+        if job.key is not None:
+            self._per_key[job.key] -= 1
+            if self._per_key[job.key] <= 0:
+                del self._per_key[job.key]
+
+    # --- worker thread -----------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                taken = self._take()
+                if taken is None:
+                    return
+                for job in taken:
+                    self._start(job)
+                self._drop_cancelled()
+                if self._rows:
+                    self._step_or_fail()
+        except BaseException as exc:  # the decode loop must never die silently: fail everyone, report unhealthy
+            self._crashed = exc
+            self._fail_all(internal(exc))
+        finally:
+            self.engine.release_all()
+
+    def _take(self) -> list[Job] | None:
+        """Jobs that fit the free rows, first come first served; blocks while idle; None once stopped and idle."""
+        with self._cond:
+            while True:
+                self._expire_waiting()
+                self._promote()
+                taken, self._ready = self._ready, []
+                if taken or self._rows:
+                    return taken
+                if self._stopping:
+                    return None
+                self._cond.wait(timeout=1.0)
+
+    def _expire_waiting(self) -> None:
+        if not self.max_queue_seconds:
+            return
+        now = time.monotonic()
+        while self._waiting and now - self._waiting[0].queued_at > self.max_queue_seconds:
+            job = self._waiting.popleft()
+            self._forget(job)
+            self.metrics.rejections.labels("queue_timeout").inc()
+            job.post(Failed(unavailable(
+                f"the request waited {now - job.queued_at:.1f} s for a free slot, more than this server's limit "
+                f"of {self.max_queue_seconds:g} s (--max-queue-seconds); retry later", "queue_timeout")))
+
+    def _start(self, job: Job) -> None:
+        job.started_at = time.monotonic()
+        job.post(Started(job.started_at - job.queued_at))
+        self.metrics.queue_wait.observe(job.started_at - job.queued_at)
+        rows: list[DecodeRow] = []
+        try:
+            for index, spec in enumerate(job.request.rows):
+                embeds = job.request.embed(spec.prompt_ids) if job.request.embed else None
+                engine_row, logits = self.engine.prefill(spec.prompt_ids, embeds)
+                rows.append(DecodeRow(job, index, engine_row, logits, spec, self.tokenizer, self.engine.vocab_size))
+                self.metrics.prompt_tokens.inc(len(spec.prompt_ids))
+        except RugptError as exc:
+            self._abandon(job, rows, from_rugpt_error(exc))
+            return
+        except Exception as exc:  # a fault of ours, but only this request's: the loop goes on
+            self._abandon(job, rows, internal(exc))
+            return
+        job.open_rows = len(rows)
+        self._rows.extend(rows)
+        self.metrics.running_rows.set(len(self._rows))
+        self.metrics.running_requests.inc()
+
+    def _abandon(self, job: Job, rows: list[DecodeRow], error: APIError) -> None:
+        job.post(Failed(error))  # first, so the request hears nothing that follows
+        for row in rows:
+            self.engine.release(row.engine_row)
+            row.finish(RowEnd("cancelled", ()))  # ends a streamed row's text thread
+        with self._cond:
+            self._reserved -= len(job.request.rows)
+            self._forget(job)
+            self._promote()
+
+    def _drop_cancelled(self) -> None:
+        for job in {row.job: None for row in self._rows if row.job.cancel_cause is not None}:
+            if job.cancel_cause == "shutdown":
+                self._end_job(job, Failed(unavailable("the server shut down before the request finished",
+                                                      "shutting_down")))
+                continue
+            for row in [r for r in self._rows if r.job is job]:
+                self._finish_row(row, "cancelled")
+
+    def _step_or_fail(self) -> None:
+        try:
+            self._step()
+        except Exception as exc:  # cannot tell whose row broke the step: fail the batch, keep serving
+            error = internal(exc)
+            for job in {row.job: None for row in self._rows}:
+                self._end_job(job, Failed(error))
+
+    def _fail_all(self, error: APIError) -> None:
+        with self._cond:
+            waiting = list(self._waiting) + self._ready
+            self._waiting.clear()
+            self._ready.clear()
+            for job in waiting:
+                self._forget(job)
+        for job in waiting:
+            job.post(Failed(error))
+        for job in {row.job: None for row in self._rows}:
+            self._end_job(job, Failed(error))
+
+    def _step(self) -> None:
+        eos = self.tokenizer.eos_token_id
+        stepping: list[DecodeRow] = []
+        tokens: list[int] = []
+        for row in list(self._rows):
+            token = row.sampler.next_token(row.logits)
+            if token == eos:
+                self._finish_row(row, "stop")
+                continue
+            self.metrics.tokens.inc()
+            reason = row.add(token)
+            if reason is None and len(row.ids) >= row.job.request.max_new_tokens:
+                reason = "length"
+            elif reason is None and self.engine.lengths[row.engine_row] >= self.engine.context_length:
+                reason = "length"  # the context is full: no step can follow
+            if reason is None:
+                stepping.append(row)
+                tokens.append(token)
+            else:
+                self._finish_row(row, reason)
+        if stepping:
+            logits = self.engine.step([row.engine_row for row in stepping], tokens)
+            self.metrics.steps.inc()
+            for row, row_logits in zip(stepping, logits, strict=True):
+                row.logits = row_logits
+
+    def _finish_row(self, row: DecodeRow, reason: str) -> None:
+        self.engine.release(row.engine_row)
+        self._rows.remove(row)
+        self.metrics.running_rows.set(len(self._rows))
+        row.finish(RowEnd(reason, tuple(row.ids)))
+        job = row.job
+        job.open_rows -= 1
+        with self._cond:
+            self._reserved -= 1
+            self._promote()
+            if job.open_rows == 0:
+                self._forget(job)
+                self._record_run(job)
+
+    def _end_job(self, job: Job, event: Failed) -> None:
+        """Fail a running job: its coroutine hears `event` first, then its rows leave the batch."""
+        job.post(event)
+        for row in [r for r in self._rows if r.job is job]:
+            self._finish_row(row, "cancelled")
+
+    def _record_run(self, job: Job) -> None:
+        self.metrics.running_requests.dec()
+        if job.started_at is not None and job.cancel_cause is None:
+            run = time.monotonic() - job.started_at
+            self._mean_run = run if self._mean_run is None else 0.8 * self._mean_run + 0.2 * run
+

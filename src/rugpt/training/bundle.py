@@ -1,0 +1,142 @@
+"""The last step of the bundled-model recipe: measure the trained model and ship it inside the package.
+
+Measures held-out perplexity (per token and bits per character, on documents never trained on) and
+the share of words in sampled text that a Russian morphology dictionary knows; writes the model,
+tokenizer, metrics.json and a model card into the package's `bundled/` folder, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rugpt.atomic import atomic_write_dir
+
+SAMPLE_PROMPTS = (
+    "Александр Сергеевич Пушкин родился",
+    "Вечером мы вышли в сад, и",
+    "Зима. Крестьянин, торжествуя,",
+    "Он долго смотрел на неё и наконец сказал:",
+    "В старом доме на краю деревни",
+    "Москва встретила нас",
+    "Мой дядя самых честных правил,",
+    "На следующее утро",
+)
+_WORD = re.compile(r"[а-яё]+(?:-[а-яё]+)*", re.IGNORECASE)
+
+
+@torch.no_grad()
+def heldout_perplexity(model, tokens: np.ndarray, characters: int, block: int) -> dict:
+    """Perplexity over the whole held-out stream in consecutive windows of `block` tokens."""
+    model.eval()
+    total_nats, counted = 0.0, 0
+    for start in range(0, len(tokens) - 1, block):
+        window = torch.from_numpy(tokens[start : start + block + 1].astype(np.int64))
+        if len(window) < 2:
+            break
+        logits = model(window[None, :-1]).logits[0]
+        total_nats += torch.nn.functional.cross_entropy(logits, window[1:], reduction="sum").item()
+        counted += len(window) - 1
+    return {
+        "tokens": counted,
+        "loss": total_nats / counted,
+        "perplexity": math.exp(total_nats / counted),
+        "bits_per_character": total_nats / math.log(2) / characters,
+    }
+
+
+def real_word_share(texts: list[str]) -> dict:
+    """Share of the words in `texts` that pymorphy3's dictionary knows (not guessed)."""
+    import pymorphy3
+
+    morph = pymorphy3.MorphAnalyzer()
+    words = [w.lower() for text in texts for w in _WORD.findall(text)]
+    known = sum(1 for w in words if morph.word_is_known(w))
+    return {"words": len(words), "known": known, "share": known / max(1, len(words))}
+
+
+def sample_texts(loaded, count_per_prompt: int = 3, max_new_tokens: int = 80) -> list[str]:
+    """Seeded samples with the default (balanced) preset, as a new user would first see them."""
+    from rugpt.generation import GenerationSettings, Generator
+
+    generator = Generator(loaded)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, num_return_sequences=count_per_prompt, seed=0)
+    return [c.text for p in SAMPLE_PROMPTS for c in generator.generate(p, settings).completions]
+
+
+def export_bundle(run_dir: Path, dest: Path, training_minutes: float | None = None) -> dict:
+    """Evaluate the run's checkpoint and write model, tokenizer, metrics and model card into `dest`."""
+    from rugpt.models import load
+
+    checkpoint, tokens_dir = run_dir / "checkpoint", run_dir / "tokens"
+    with atomic_write_dir(dest) as tmp:
+        for name in ("config.json", "generation_config.json", "model.safetensors"):
+            shutil.copy2(checkpoint / name, tmp / name)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy2(run_dir / "tokenizer" / name, tmp / name)
+        loaded = load(str(tmp), device="cpu")
+        stats = json.loads((tokens_dir / "stats.json").read_text())
+        state = json.loads((checkpoint / "state.json").read_text())
+        heldout = np.load(tokens_dir / "heldout.npy")
+        block = loaded.context_length
+        samples = sample_texts(loaded)
+        metrics = {
+            "parameters": loaded.model.num_parameters(),
+            "steps": state["step"],
+            "tokens_seen": state["history"][-1]["tokens_seen"],
+            "training_minutes": training_minutes or round(state["elapsed"] / 60, 1),
+            "train": {k: stats["train"][k] for k in ("documents", "characters", "tokens")},
+            "heldout": {k: stats["heldout"][k] for k in ("documents", "characters", "tokens")}
+            | heldout_perplexity(loaded.model, heldout, stats["heldout"]["characters"], block),
+            "heldout_sources": stats["heldout"]["sources"],
+            "real_words": real_word_share(samples),
+            "samples": [f"{p}{t}" for p, t in zip(SAMPLE_PROMPTS, samples[::3], strict=True)],
+            "history": state["history"],
+        }
+        (tmp / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=1))
+        (tmp / "README.md").write_text(model_card(metrics, loaded.model.config))
+    return metrics
+
+
+def model_card(metrics: dict, config) -> str:
+    h = metrics["heldout"]
+    samples = "\n".join(f"- {s}" for s in metrics["samples"])
+    return f"""# rugpt-tiny: the bundled Russian model
+
+A small GPT-2 trained from scratch by this project's own recipe, so that every `rugpt` command works
+offline on a fresh machine. It writes Russian-looking prose; it knows little and is no substitute for
+ruGPT-3 (`rugpt generate --model small ...`).
+
+| | |
+|---|---|
+| architecture | GPT-2: {config.n_layer} layers × width {config.n_embd} × {config.n_head} heads, context {config.n_positions} |
+| parameters | {metrics["parameters"] / 1e6:.2f} M (fp32, tied embeddings) |
+| tokenizer | byte-level BPE, {config.vocab_size} tokens, `<|endoftext|>` = 0 |
+| training | {metrics["steps"]} steps, {metrics["tokens_seen"] / 1e6:.1f} M tokens, {metrics["training_minutes"]} min on 2 CPU cores (bf16 autocast) |
+| held-out perplexity | {h["perplexity"]:.1f} per token; {h["bits_per_character"]:.3f} bits per character ({h["documents"]} documents, {h["characters"]:,} characters never trained on) |
+| real Russian words in samples | {metrics["real_words"]["share"]:.1%} of {metrics["real_words"]["words"]} words known to pymorphy3 (default preset, seed 0) |
+
+## Data and licences
+- **RusLit** (github.com/d0rj/RusLit): Russian classics — Pushkin, Lermontov, Nekrasov, Blok, Gogol,
+  Chekhov, Dostoevsky, Tolstoy, Gorky, Herzen, Bryusov — public domain. Cleaned of page numbers,
+  separator lines and footnote marks.
+- **fortunes-ru** (Debian package, GPL-2): aphorisms, quotes and jokes, without the sex-themed
+  collections (sex, d1, d21, d41, e0). Because of this part, treat the weights as a GPL-2 derived work.
+- Held out: about 3% of documents, chosen by a hash of their path; listed in `metrics.json`.
+
+## Recipe
+```
+rugpt train-tokenizer --corpus ../shared/data/ruslit
+rugpt pretrain --minutes 95
+rugpt export-bundled
+```
+
+## Samples (default preset, seed 0)
+{samples}
+"""

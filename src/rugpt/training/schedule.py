@@ -1,0 +1,73 @@
+"""What each optimizer step takes: how the global batch is split, which blocks, what learning rate, which
+dropout seed. All of it is a function of the settings and the step number, so a resumed run, or the same run
+on another number of processes, takes exactly the same steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import torch
+
+from rugpt.errors import UsageError
+from rugpt.training.settings import FinetuneSettings, Schedule
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How the global batch is split: micro-batches per process, and how many of them make one step."""
+
+    micro: int
+    accumulation: int
+    processes: int
+
+
+def plan_batches(settings: FinetuneSettings, processes: int) -> BatchPlan:
+    """Split `batch_size` sequences per step into micro-batches per process and accumulation steps."""
+    micro = settings.micro_batch_size or max(1, settings.batch_size // processes)
+    if settings.batch_size % (micro * processes):
+        raise UsageError(f"batch_size={settings.batch_size} must be a multiple of micro_batch_size × processes "
+                         f"= {micro} × {processes}; change --batch-size or --micro-batch-size")
+    return BatchPlan(micro, settings.batch_size // (micro * processes), processes)
+
+
+def learning_rate(settings: FinetuneSettings, step: int, total: int, warmup: int) -> float:
+    """Linear warm-up to `lr`, then the chosen decay towards 0 at the last step."""
+    if step < warmup:
+        return settings.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if settings.schedule == Schedule.cosine:
+        return settings.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    if settings.schedule == Schedule.linear:
+        return settings.lr * (1 - progress)
+    return settings.lr
+
+
+class DataOrder:
+    """Which training blocks step s uses: seeded permutations, one per epoch, read as one endless stream.
+
+    The order is a function of (seed, step) alone, so a resumed run takes exactly the blocks it would have.
+    """
+
+    def __init__(self, blocks: int, batch_size: int, seed: int):
+        self.blocks, self.batch_size, self.seed = blocks, batch_size, seed
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def rows(self, step: int) -> torch.Tensor:
+        out = []
+        for position in range(step * self.batch_size, (step + 1) * self.batch_size):
+            epoch, index = divmod(position, self.blocks)
+            if epoch != self._epoch:
+                generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+                self._epoch, self._perm = epoch, torch.randperm(self.blocks, generator=generator)
+            out.append(int(self._perm[index]))
+        return torch.tensor(out, dtype=torch.long)
+
+
+def dropout_seed(seed: int, step: int, chunk: int) -> int:
+    """The random seed of one micro-batch. Dropout then depends on what is computed, not on which process
+    computes it or what ran before: N processes match one, and a resumed run matches an uninterrupted one."""
+    digest = hashlib.sha256(f"{seed}:{step}:{chunk}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1

@@ -1,0 +1,56 @@
+"""Shared by the test_finetune_* modules: a tiny GPT-2 and small Russian data sets, built in a temp folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rugpt.models import BUNDLED_DIR
+
+POEM_LINES = ["Мороз и солнце; день чудесный!", "Еще ты дремлешь, друг прелестный —", "Пора, красавица, проснись:",
+              "Открой сомкнуты негой взоры", "Навстречу северной Авроры,", "Звездою севера явись!"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models train fastest on one thread, and far faster when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_gpt2(folder: Path, dropout: float = 0.0, n_positions: int = 64, seed: int = 0) -> Path:
+    """A 2-layer, width-32 GPT-2 with the bundled tokenizer (default init, so losses start near ln(vocab))."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(BUNDLED_DIR)
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=32, n_layer=2, n_head=2,
+                        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def poems_txt(path: Path, documents: int = 24) -> Path:
+    """`documents` short poems separated by blank lines."""
+    poems = ["\n".join(POEM_LINES[i % 6: i % 6 + 3] + [f"Строфа {i}."]) for i in range(documents)]
+    path.write_text("\n\n".join(poems) + "\n", encoding="utf-8")
+    return path
+
+
+def qa_jsonl(path: Path, rows: int = 20) -> Path:
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(rows):
+            f.write(json.dumps({"question": f"Сколько будет {i} плюс {i}?", "answer": f"{2 * i}."},
+                               ensure_ascii=False) + "\n")
+    return path
+
+
+def metrics(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())

@@ -1,0 +1,252 @@
+"""The batching scheduler on a tiny random model: batch equals alone, continuous batching, limits, cancelling."""
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from _serve_helpers import run, slow_engine
+from rugpt.engines import create_engine
+from rugpt.errors import UsageError
+from rugpt.generation import GenerationSettings, Generator
+from rugpt.serve.errors import APIError
+from rugpt.serve.jobs import DecodeRequest, Failed, Finished, Piece, RowSpec, Started
+from rugpt.serve.scheduler import BatchScheduler
+
+PROMPTS = ["Мой дядя самых честных правил", "Буря мглою небо кроет", "Ночь", "Я помню чудное мгновенье",
+           "У лукоморья дуб зелёный", "Выхожу один я на дорогу"]
+
+
+def request_for(tiny, text, stream=False, **overrides) -> DecodeRequest:
+    settings = GenerationSettings.from_preset(overrides.pop("preset", "greedy"), **overrides)
+    ids = tiny.tokenizer(text, add_special_tokens=False)["input_ids"]
+    rows = [RowSpec(ids, None if settings.seed is None else settings.seed + r)
+            for r in range(settings.num_return_sequences)]
+    return DecodeRequest(rows, settings.sampling_params(), settings.max_new_tokens, settings.stop, stream)
+
+
+def make_scheduler(tiny, max_batch=8, step_delay=0.0, ban_eos=False, **limits) -> BatchScheduler:
+    scheduler = BatchScheduler(slow_engine(tiny, max_batch, step_delay, ban_eos), tiny.tokenizer, **limits)
+    scheduler.start()
+    return scheduler
+
+
+async def outcome(ticket, timeout=20.0):
+    """(rows' Finished events in order, pieces per row, the Failed event or None)."""
+    finished, pieces = {}, {}
+    while len(finished) < ticket.rows:
+        event = await ticket.next_event(timeout)
+        assert event is not None, "no event within the timeout"
+        if isinstance(event, Failed):
+            return [], pieces, event
+        if isinstance(event, Piece):
+            pieces.setdefault(event.index, []).append(event.text)
+        if isinstance(event, Finished):
+            finished[event.index] = event
+    return [finished[i] for i in range(ticket.rows)], pieces, None
+
+
+def mixed_requests(tiny, stream=False):
+    """Requests with different prompts, lengths, sampling settings, seeds and stop strings."""
+    return [
+        request_for(tiny, PROMPTS[0], stream, max_new_tokens=20),
+        request_for(tiny, PROMPTS[1], stream, preset="balanced", seed=7, max_new_tokens=15),
+        request_for(tiny, PROMPTS[2], stream, preset="creative", seed=3, max_new_tokens=25, num_return_sequences=2),
+        request_for(tiny, PROMPTS[3], stream, max_new_tokens=5),
+        request_for(tiny, PROMPTS[4], stream, preset="balanced", seed=11, top_k=5, repetition_penalty=1.3),
+        request_for(tiny, PROMPTS[5], stream, no_repeat_ngram_size=2, max_new_tokens=30),
+    ]
+
+
+def test_batched_results_equal_results_alone_token_for_token(tiny):
+    async def together():
+        scheduler = make_scheduler(tiny)
+        tickets = [scheduler.submit(r) for r in mixed_requests(tiny)]
+        results = [await outcome(t) for t in tickets]
+        await scheduler.stop(1)
+        return results, max(scheduler.engine.step_sizes)
+
+    async def alone():
+        scheduler = make_scheduler(tiny)
+        results = [await outcome(scheduler.submit(r)) for r in mixed_requests(tiny)]
+        await scheduler.stop(1)
+        return results, max(scheduler.engine.step_sizes)
+
+    (batched, widest), (single, narrowest) = run(together()), run(alone())
+    assert widest > 2 and narrowest <= 2  # really batched, really alone (one request has n=2)
+    for (b, _, b_fail), (s, _, s_fail) in zip(batched, single, strict=True):
+        assert b_fail is None and s_fail is None
+        assert [f.token_ids for f in b] == [f.token_ids for f in s]
+        assert [f.text for f in b] == [f.text for f in s]
+
+
+def test_greedy_rows_match_the_library_generator(tiny):
+    expected = Generator(tiny, engine="fast").generate(PROMPTS[0], GenerationSettings.from_preset(
+        "greedy", max_new_tokens=20))
+
+    async def served():
+        scheduler = make_scheduler(tiny)
+        finished, _, _ = await outcome(scheduler.submit(request_for(tiny, PROMPTS[0], max_new_tokens=20)))
+        await scheduler.stop(1)
+        return finished[0]
+
+    got = run(served())
+    assert list(got.token_ids) == expected.completions[0].token_ids
+    assert got.text == expected.text and got.reason == expected.completions[0].finish_reason
+
+
+def test_streamed_pieces_join_to_the_non_streamed_text_with_stop_strings(tiny):
+    async def main():
+        scheduler = make_scheduler(tiny, ban_eos=True)
+        plain, _, _ = await outcome(scheduler.submit(request_for(tiny, PROMPTS[1], max_new_tokens=30)))
+        full = plain[0].text
+        stop = full[len(full) // 2 : len(full) // 2 + 3]
+        cut, _, _ = await outcome(scheduler.submit(request_for(tiny, PROMPTS[1], max_new_tokens=30, stop=(stop,))))
+        streamed, pieces, _ = await outcome(scheduler.submit(
+            request_for(tiny, PROMPTS[1], stream=True, max_new_tokens=30, stop=(stop,))))
+        await scheduler.stop(1)
+        return full, stop, cut[0], streamed[0], "".join(pieces[0])
+
+    full, stop, cut, streamed, joined = run(main())
+    assert cut.reason == "stop" and stop not in cut.text and full.startswith(cut.text)
+    assert joined == cut.text and streamed.reason == "stop" and streamed.token_ids == cut.token_ids
+
+
+def test_a_new_request_joins_the_running_batch_between_steps(tiny):
+    async def main():
+        scheduler = make_scheduler(tiny, step_delay=0.01, ban_eos=True)
+        first = scheduler.submit(request_for(tiny, PROMPTS[0], max_new_tokens=40))
+        assert isinstance(await first.next_event(5), Started)
+        await asyncio.sleep(0.1)  # the first request is several steps in
+        second = scheduler.submit(request_for(tiny, PROMPTS[1], max_new_tokens=10))
+        a, _, _ = await outcome(first)
+        b, _, _ = await outcome(second)
+        alone, _, _ = await outcome(scheduler.submit(request_for(tiny, PROMPTS[0], max_new_tokens=40)))
+        await scheduler.stop(1)
+        return scheduler.engine.step_sizes, a[0], b[0], alone[0]
+
+    sizes, a, b, alone = run(main())
+    assert sizes[0] == 1 and 2 in sizes  # it started alone, then the second request joined it
+    assert a.token_ids == alone.token_ids and len(a.token_ids) == 40 and len(b.token_ids) == 10
+
+
+def test_full_queue_is_refused_with_429_and_retry_after(tiny):
+    async def main():
+        scheduler = make_scheduler(tiny, max_batch=1, step_delay=0.01, ban_eos=True, max_waiting=1)
+        running = scheduler.submit(request_for(tiny, PROMPTS[0], max_new_tokens=30))
+        waiting = scheduler.submit(request_for(tiny, PROMPTS[1], max_new_tokens=5))
+        with pytest.raises(APIError) as refused:
+            scheduler.submit(request_for(tiny, PROMPTS[2], max_new_tokens=5))
+        assert waiting.position_at_submit == 1
+        done = [await outcome(running), await outcome(waiting)]
+        await scheduler.stop(1)
+        return refused.value, done
+
+    refused, done = run(main())
+    assert refused.status == 429 and refused.code == "queue_full" and int(refused.headers["Retry-After"]) >= 1
+    assert all(fail is None for _, _, fail in done)
+
+
+def test_a_request_waiting_longer_than_the_queue_limit_gets_503_and_never_starts(tiny):
+    async def main():
+        scheduler = make_scheduler(tiny, max_batch=1, step_delay=0.02, ban_eos=True, max_queue_seconds=0.2)
+        running = scheduler.submit(request_for(tiny, PROMPTS[0], max_new_tokens=40))
+        late = scheduler.submit(request_for(tiny, PROMPTS[1], max_new_tokens=5))
+        began = time.monotonic()
+        first = await late.next_event(5)
+        waited = time.monotonic() - began
+        await scheduler.stop(0)
+        return first, waited, running
+
+    first, waited, _ = run(main())
+    assert isinstance(first, Failed) and first.error.status == 503 and first.error.code == "queue_timeout"
+    assert "max-queue-seconds" in first.error.message and waited < 5
+
+
+def test_one_key_may_hold_only_its_share(tiny):
+    async def main():
+        scheduler = make_scheduler(tiny, max_batch=2, step_delay=0.01, ban_eos=True, max_inflight_per_key=2)
+        mine = [scheduler.submit(request_for(tiny, p, max_new_tokens=10), key="a") for p in PROMPTS[:2]]
+        with pytest.raises(APIError) as refused:
+            scheduler.submit(request_for(tiny, PROMPTS[2], max_new_tokens=10), key="a")
+        other = scheduler.submit(request_for(tiny, PROMPTS[3], max_new_tokens=10), key="b")
+        for ticket in [*mine, other]:
+            await outcome(ticket)
+        again = await outcome(scheduler.submit(request_for(tiny, PROMPTS[2], max_new_tokens=3), key="a"))
+        await scheduler.stop(1)
+        return refused.value, again
+
+    refused, (finished, _, failure) = run(main())
+    assert refused.status == 429 and refused.code == "per_key_limit"
+    assert failure is None and finished[0].reason == "length"
+
+
+def test_cancel_drops_a_running_row_within_a_step_and_a_waiting_one_at_once(tiny):
+    async def main():
+        scheduler = make_scheduler(tiny, max_batch=1, step_delay=0.01, ban_eos=True)
+        running = scheduler.submit(request_for(tiny, PROMPTS[0], max_new_tokens=100))
+        waiting = scheduler.submit(request_for(tiny, PROMPTS[1], max_new_tokens=100))
+        assert isinstance(await running.next_event(5), Started)
+        await asyncio.sleep(0.05)
+        assert waiting.cancel() and running.cancel()
+        began = time.monotonic()
+        ran, _, _ = await outcome(running)
+        queued, _, _ = await outcome(waiting)
+        took = time.monotonic() - began
+        await scheduler.stop(1)
+        return ran[0], queued[0], took, scheduler
+
+    ran, queued, took, scheduler = run(main())
+    assert ran.reason == "cancelled" and 0 < len(ran.token_ids) < 100 and took < 2
+    assert queued.reason == "cancelled" and queued.token_ids == ()
+    assert scheduler.engine.lengths == {}
+
+
+def test_a_failing_prefill_fails_only_its_own_request(tiny):
+    def broken_embed(ids):
+        raise UsageError("this prompt cannot be embedded")
+
+    async def main():
+        scheduler = make_scheduler(tiny)
+        bad_request = request_for(tiny, PROMPTS[0])
+        bad_request.embed = broken_embed
+        bad = scheduler.submit(bad_request)
+        good = scheduler.submit(request_for(tiny, PROMPTS[1], max_new_tokens=5))
+        results = await outcome(bad), await outcome(good)
+        await scheduler.stop(1)
+        return results
+
+    (_, _, failure), (finished, _, ok) = run(main())
+    assert failure.error.status == 400 and "cannot be embedded" in failure.error.message
+    assert ok is None and len(finished[0].token_ids) == 5
+
+
+def test_stop_fails_waiting_requests_and_never_hangs(tiny):
+    async def main():
+        scheduler = make_scheduler(tiny, max_batch=1, step_delay=0.05, ban_eos=True)
+        running = scheduler.submit(request_for(tiny, PROMPTS[0], max_new_tokens=500))
+        waiting = scheduler.submit(request_for(tiny, PROMPTS[1], max_new_tokens=5))
+        assert isinstance(await running.next_event(5), Started)
+        began = time.monotonic()
+        await scheduler.stop(grace=0.2)
+        took = time.monotonic() - began
+        with pytest.raises(APIError) as refused:
+            scheduler.submit(request_for(tiny, PROMPTS[2]))
+        return await outcome(running), await outcome(waiting), took, refused.value, scheduler
+
+    (_, _, ran), (_, _, queued), took, refused, scheduler = run(main())
+    assert ran.error.status == 503 and queued.error.status == 503 and refused.status == 503
+    assert took < 6 and not scheduler.ready
+
+
+def test_ragged_steps_ignore_garbage_in_never_written_cache_memory(tiny):
+    """Continuous batching steps rows of different lengths together; the fast engine's cache is torch.empty
+    memory, and a NaN left there must not reach the shorter rows (0 attention weight × NaN is NaN)."""
+    engine = create_engine(tiny, "fast", max_rows=4)
+    for cache in (*engine.k_cache, *engine.v_cache):
+        cache.fill_(float("nan"))
+    long_row, _ = engine.prefill([5, 6, 7, 8])
+    short_row, _ = engine.prefill([5])
+    logits = torch.stack([engine.step([long_row, short_row], [1, 2]) for _ in range(3)])
+    assert not torch.isnan(logits).any()
