@@ -711,9 +711,13 @@ def serve(
     max_body_bytes: Annotated[Optional[int], typer.Option(help=_serve_help("max_body_bytes"))] = None,
     shutdown_grace: Annotated[Optional[float], typer.Option(help=_serve_help("shutdown_grace"))] = None,
     log_level: Annotated[Optional[str], typer.Option(help=_serve_help("log_level"))] = None,
+    play_db: Annotated[Optional[Path], typer.Option(help="SQLite file of the /play text adventures "
+                                                    "(default: ~/.local/share/rugpt/adventures.sqlite3)")] = None,
+    play: Annotated[bool, typer.Option("--play/--no-play", help="serve the text adventure at /play")] = True,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API with a batching queue and a web playground at /."""
-    given = {name: value for name, value in locals().items() if value is not None and name != "api_key"}
+    given = {name: value for name, value in locals().items()
+             if value is not None and name not in ("api_key", "play_db", "play")}
     given["api_keys"] = list(api_key or [])
     from pydantic import ValidationError
 
@@ -727,7 +731,15 @@ def serve(
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:
         err.print(f"[yellow]warning:[/yellow] serving on {settings.host} without --api-key: anyone who can reach "
                   f"this address can use the model", markup=True)
-    run_server(settings)
+    run_server(settings, routers=[_play_router(play_db)] if play else [])
+
+
+def _play_router(db: Path | None):
+    """The text adventure's /play pages, composed here so that the server never imports the apps."""
+    from rugpt.apps.adventure.store import AdventureStore
+    from rugpt.apps.adventure.web import create_play_router
+
+    return create_play_router(AdventureStore(db))
 
 
 def main() -> None:

@@ -8,11 +8,20 @@ from rugpt.cli import app
 runner = CliRunner()
 
 
+def fake_run_server(started: list):
+    def run_server(settings, routers=()):
+        started.append(settings)
+        started.extend(routers)
+
+    return run_server
+
+
 def test_serve_turns_options_into_settings(monkeypatch, tiny_model_dir):
     started = []
-    monkeypatch.setattr(rugpt.serve, "run_server", started.append)
+    monkeypatch.setattr(rugpt.serve, "run_server", fake_run_server(started))
     result = runner.invoke(app, ["serve", "--model", str(tiny_model_dir), "--port", "8123", "--api-key", "k1",
-                                 "--max-waiting", "8", "--max-queue-seconds", "2.5", "--max-inflight-per-key", "3"])
+                                 "--max-waiting", "8", "--max-queue-seconds", "2.5", "--max-inflight-per-key", "3",
+                                 "--no-play"])
     assert result.exit_code == 0, result.output
     [settings] = started
     assert settings.host == "127.0.0.1" and settings.port == 8123 and settings.api_keys == ["k1"]
@@ -21,8 +30,8 @@ def test_serve_turns_options_into_settings(monkeypatch, tiny_model_dir):
 
 def test_serve_reads_api_keys_from_the_environment(monkeypatch):
     started = []
-    monkeypatch.setattr(rugpt.serve, "run_server", started.append)
-    result = runner.invoke(app, ["serve"], env={"RUGPT_API_KEY": "first second"})
+    monkeypatch.setattr(rugpt.serve, "run_server", fake_run_server(started))
+    result = runner.invoke(app, ["serve", "--no-play"], env={"RUGPT_API_KEY": "first second"})
     assert result.exit_code == 0, result.output
     assert started[0].api_keys == ["first", "second"]
 
@@ -35,3 +44,20 @@ def test_serve_refuses_bad_settings_in_one_line():
 def test_serve_help_comes_from_the_settings():
     result = runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "200"})
     assert "--max-queue-seconds" in result.output and "answered 503" in result.output
+
+
+def test_serve_mounts_the_adventure_at_play(monkeypatch, tmp_path, tiny):
+    from fastapi.testclient import TestClient
+
+    from rugpt.serve import ServerSettings, create_app
+
+    started = []
+    monkeypatch.setattr(rugpt.serve, "run_server", fake_run_server(started))
+    result = runner.invoke(app, ["serve", "--play-db", str(tmp_path / "play.sqlite3")])
+    assert result.exit_code == 0, result.output
+    settings, router = started
+    with TestClient(create_app(ServerSettings(), loaded=tiny, routers=[router])) as client:
+        assert client.get("/play").status_code == 200
+        created = client.post("/play/api/adventures", json={"scenario": "detective"})
+        assert created.status_code == 201 and created.json()["token"]
+    assert (tmp_path / "play.sqlite3").exists()

@@ -164,11 +164,11 @@ class RequestMetrics:
                 self.metrics.latency.labels(route).observe(time.monotonic() - began)
 
 
-def run_server(settings: ServerSettings) -> None:
+def run_server(settings: ServerSettings, routers: Sequence[APIRouter] = ()) -> None:
     """Serve until interrupted; running requests get `shutdown_grace` seconds to finish."""
     import uvicorn
 
-    app = create_app(settings)
+    app = create_app(settings, routers=routers)
     # uvicorn waits for open connections at shutdown with no limit unless told one: never hang on a stream.
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_grace)))
