@@ -1,6 +1,7 @@
 """rugpt's prompt tuning side by side with PEFT's (PromptTuningConfig) on the same task, model, steps, batches,
 learning rate, number of virtual tokens and start values: held-out loss reached, time per step, peak memory
-and saved size. Each method runs in its own fresh process, so peak memory is measured cleanly.
+and saved size. Each method runs in its own fresh process, so peak memory is measured cleanly; a paired run
+(both in one process, alternating steps) gives a time ratio that holds on a busy machine too.
 
     python benchmarks/prompt_tuning_vs_peft.py             # 100 steps of 8 jokes (fortunes-ru), bundled model
     python benchmarks/prompt_tuning_vs_peft.py --quick     # 4 steps: checks the script works
@@ -116,8 +117,16 @@ class PeftMethod:
         return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def run_one(method: str, s: BenchSettings) -> dict:
-    """Train with one method in this process and measure it."""
+@dataclass
+class Setup:
+    impl: RugptMethod | PeftMethod
+    optimizer: torch.optim.Optimizer
+    train: list[list[int]]
+    evals: list[list[int]]
+
+
+def set_up(method: str, s: BenchSettings) -> Setup:
+    """A fresh model with the method applied, its optimizer and the tokenized jokes."""
     from rugpt.models import load
     from rugpt.prompts.tasks import joke_rows
 
@@ -133,28 +142,54 @@ def run_one(method: str, s: BenchSettings) -> dict:
     impl = RugptMethod(loaded, start) if method == "rugpt" else PeftMethod(loaded, start)
     loaded.model.eval()  # no dropout for either: the same deterministic function of the prompt
     optimizer = torch.optim.AdamW(impl.parameters(), lr=s.lr, weight_decay=0.0)
-    before = held_out_loss(impl, evals, s)
+    return Setup(impl, optimizer, encode[: s.train_rows], evals)
+
+
+def train_step(setup: Setup, rows: list[list[int]], device: str) -> tuple[float, float]:
+    """One optimizer step; returns (loss, seconds)."""
+    started = time.perf_counter()
+    loss_sum, count = setup.impl.loss(rows, device)
+    loss = loss_sum / count
+    setup.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    setup.optimizer.step()
+    _sync(device)
+    return loss.item(), time.perf_counter() - started
+
+
+def run_one(method: str, s: BenchSettings) -> dict:
+    """Train with one method in this process and measure it."""
+    setup = set_up(method, s)
+    before = held_out_loss(setup.impl, setup.evals, s)
     rss_before = _reset_peak_memory(s.device)
-    step_seconds, losses = [], []
-    for rows in batches_of(encode[: s.train_rows], s.batch_size, s.steps, s.seed):
-        started = time.perf_counter()
-        loss_sum, count = impl.loss(rows, s.device)
-        loss = loss_sum / count
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        _sync(s.device)
-        step_seconds.append(time.perf_counter() - started)
-        losses.append(loss.item())
+    losses, step_seconds = [], []
+    for rows in batches_of(setup.train, s.batch_size, s.steps, s.seed):
+        loss, seconds = train_step(setup, rows, s.device)
+        losses.append(loss)
+        step_seconds.append(seconds)
     peak = _peak_memory(s.device) - rss_before
     with tempfile.TemporaryDirectory() as tmp:
-        size = impl.save(Path(tmp) / method)
+        size = setup.impl.save(Path(tmp) / method)
     timed = step_seconds[3:] or step_seconds  # the first steps pay for allocations and kernel selection
-    return {"method": method, "heldout_loss_before": before, "heldout_loss_after": held_out_loss(impl, evals, s),
+    return {"method": method, "heldout_loss_before": before,
+            "heldout_loss_after": held_out_loss(setup.impl, setup.evals, s),
             "train_loss_first": losses[0], "train_loss_last": losses[-1], "train_losses": losses,
             "seconds_per_step_median": statistics.median(timed), "seconds_per_step_mean": statistics.mean(timed),
             "peak_memory_mb": round(peak / 2**20, 1), "saved_bytes": size,
-            "trainable_parameters": sum(p.numel() for p in impl.parameters())}
+            "trainable_parameters": sum(p.numel() for p in setup.impl.parameters())}
+
+
+def run_paired(s: BenchSettings) -> dict:
+    """Both methods in one process on two copies of the model, alternating step by step on the same batches:
+    whatever else the machine does slows both alike, so the ratio holds even on a busy machine."""
+    setups = {method: set_up(method, s) for method in METHODS}
+    seconds: dict[str, list[float]] = {method: [] for method in METHODS}
+    for rows in batches_of(setups["rugpt"].train, s.batch_size, s.steps, s.seed):
+        for method, setup in setups.items():
+            seconds[method].append(train_step(setup, rows, s.device)[1])
+    medians = {method: statistics.median(values[3:] or values) for method, values in seconds.items()}
+    return {"method": "paired", "seconds_per_step_median": medians,
+            "rugpt_over_peft": medians["rugpt"] / medians["peft"]}
 
 
 @torch.no_grad()
@@ -192,6 +227,12 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _run_child(method: str) -> dict:
+    command = [sys.executable, __file__, "--method", method, *sys.argv[1:]]
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def _combine(runs: list[dict]) -> dict:
     """The first run's numbers (all runs compute the same losses), with time and memory from the least disturbed
     run: on a shared machine other processes only ever add time."""
@@ -214,22 +255,21 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="4 steps on a few rows")
     parser.add_argument("--rounds", type=int, default=2, help="runs per method, alternating; timings take the best")
-    parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)  # internal: one method, JSON out
+    parser.add_argument("--method", choices=(*METHODS, "paired"), help=argparse.SUPPRESS)  # internal: JSON out
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON report (default: benchmarks/results/prompt_tuning_vs_peft.json; --quick: runs/)")
     args = parser.parse_args()
     s = BenchSettings(args.model, 4 if args.quick else args.steps, args.tokens, args.batch_size, args.lr,
                       32 if args.quick else args.train_rows, 16 if args.quick else args.eval_rows, args.device)
     if args.method:
-        print(json.dumps(run_one(args.method, s)))
+        print(json.dumps(run_paired(s) if args.method == "paired" else run_one(args.method, s)))
         return
     runs: dict[str, list[dict]] = {method: [] for method in METHODS}
     for _ in range(args.rounds):  # alternate the methods, so a busy moment of the machine hits both alike
         for method in METHODS:
-            command = [sys.executable, __file__, "--method", method, *sys.argv[1:]]
-            done = subprocess.run(command, check=True, capture_output=True, text=True)
-            runs[method].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            runs[method].append(_run_child(method))
     results = {method: _combine(method_runs) for method, method_runs in runs.items()}
+    paired = _run_child("paired")
     import peft
     import transformers
 
@@ -237,7 +277,7 @@ def main() -> None:
               "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
                               "peft": peft.__version__, "python": platform.python_version(),
                               "cpu_threads": torch.get_num_threads(), "device": s.device},
-              "results": results}
+              "results": results, "paired_timing": paired}
     out = args.out or ROOT / ("runs/prompt_tuning_vs_peft_quick.json" if args.quick else RESULTS)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1), encoding="utf-8")
@@ -245,6 +285,8 @@ def main() -> None:
         print(f"{method:6s} held-out loss {r['heldout_loss_before']:.4f} → {r['heldout_loss_after']:.4f}, "
               f"{r['seconds_per_step_median'] * 1000:.1f} ms/step, peak +{r['peak_memory_mb']} MB, "
               f"saved {r['saved_bytes']} bytes")
+    print(f"paired timing (same process, alternating steps): rugpt takes {paired['rugpt_over_peft']:.2f}x "
+          f"PEFT's time per step")
     print(f"results in {out}")
 
 

@@ -4,8 +4,8 @@ A randomly initialised GPT-2 of ruGPT-3 small's shape (vocab 50264, 12 layers, w
 context 2048; speed does not depend on weight values) is served by `rugpt serve` in a subprocess on
 127.0.0.1, twice: with batches of up to 16 rows (the design) and with `--max-batch 1` (the queue-one-
 request-at-a-time design, same server code otherwise). For 1, 4 and 16 concurrent clients, each sending
-a fixed number of requests back to back (greedy, fixed length: end-of-text can never win), it measures
-aggregate generated tokens per second and p50 / p99 request latency.
+a fixed number of requests back to back (a ~50-token prompt, 128 new tokens, greedy, fixed length: end-of-
+text can never win), it measures aggregate generated tokens per second and p50 / p99 request latency.
 
     python benchmarks/serve_throughput.py            # full run, writes benchmarks/results/serve_throughput.json
     python benchmarks/serve_throughput.py --quick    # tiny model, a smoke test of the script itself
@@ -117,7 +117,9 @@ def measure_design(folder: Path, design: str, args) -> list[dict]:
         for clients in CLIENTS:
             row = asyncio.run(asyncio.wait_for(
                 run_clients(url, clients, args.requests_per_client, args.new_tokens), args.case_timeout))
-            row = {"design": design, "max_batch": DESIGNS[design], "engine": engine} | row
+            # Other work on the machine skews a case; the load average says how much there was.
+            row = {"design": design, "max_batch": DESIGNS[design], "engine": engine} | row | {
+                "load_average_1m": round(os.getloadavg()[0], 2)}
             print(json.dumps(row), flush=True)
             rows.append(row)
         return rows
@@ -139,13 +141,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model, fewer requests: check the script works")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the server")
-    parser.add_argument("--requests-per-client", type=int, default=None, help="default: 3 (quick: 2)")
-    parser.add_argument("--new-tokens", type=int, default=None, help="tokens per request; default 64 (quick: 16)")
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=None, help="tokens per request; default 128 (quick: 16)")
     parser.add_argument("--case-timeout", type=float, default=1200, help="seconds one (design, clients) case may take")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    args.requests_per_client = args.requests_per_client or (2 if args.quick else 3)
-    args.new_tokens = args.new_tokens or (16 if args.quick else 64)
+    args.new_tokens = args.new_tokens or (16 if args.quick else 128)  # decode_speed.py's 128 new tokens
     out = args.out or ROOT / "results" / ("serve_throughput_quick.json" if args.quick else "serve_throughput.json")
     shape = QUICK if args.quick else SMALL
     folder = build_model(Path("/tmp") / ("rugpt-bench-quick" if args.quick else "rugpt-bench-small"), shape)

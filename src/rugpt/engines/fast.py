@@ -157,15 +157,16 @@ class FastEngine(DecodeEngine):
     def _clear_unwritten(self, slots: list[int], width: int) -> None:
         """Zero the cache positions below `width` that no row wrote: a masked attention weight is 0, but 0 times
         a NaN left in torch.empty memory is still NaN, which would poison the shorter rows of a ragged step."""
+        end = min(width + 64, self.context_length)  # ahead of need, so this runs once per 64 steps, not every step
         starts: dict[int, list[int]] = {}
         for slot in slots:
             if self.written[slot] < width:
                 starts.setdefault(self.written[slot], []).append(slot)
-                self.written[slot] = width
+                self.written[slot] = end
         for start, group in starts.items():
             index = torch.tensor(group, device=self.wte.device)
             for cache in (*self.k_cache, *self.v_cache):
-                cache[index, :, start:width] = 0
+                cache[index, :, start:end] = 0
 
     def _qkv(self, layer: _Layer, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n, t, d = h.shape
