@@ -8,7 +8,7 @@ a fixed number of requests back to back (a ~50-token prompt, 128 new tokens, gre
 text can never win), it measures aggregate generated tokens per second and p50 / p99 request latency.
 
     python benchmarks/serve_throughput.py            # full run, writes benchmarks/results/serve_throughput.json
-    python benchmarks/serve_throughput.py --quick    # tiny model, a smoke test of the script itself
+    python benchmarks/serve_throughput.py --quick    # tiny model: a smoke test, writes to /tmp
 """
 
 from __future__ import annotations
@@ -108,23 +108,28 @@ def percentile(sorted_values: list[float], p: float) -> float:
     return sorted_values[int(rank) - 1]
 
 
-def measure_design(folder: Path, design: str, args) -> list[dict]:
-    process, url = start_server(folder, DESIGNS[design], args.threads)
+def measure(folder: Path, args) -> list[dict]:
+    """Both designs served at once (an idle server costs nothing); for each client count they run back to back,
+    so both see the same conditions on a machine shared with other work."""
+    servers = {design: start_server(folder, size, args.threads) for design, size in DESIGNS.items()}
     try:
-        engine = httpx.get(f"{url}/health").json()["engine"]
-        asyncio.run(run_clients(url, 1, 1, 8))  # warm-up: first-call allocations, lazy imports
+        for _, url in servers.values():
+            asyncio.run(run_clients(url, 1, 1, 8))  # warm-up: first-call allocations, lazy imports
         rows = []
         for clients in CLIENTS:
-            row = asyncio.run(asyncio.wait_for(
-                run_clients(url, clients, args.requests_per_client, args.new_tokens), args.case_timeout))
-            # Other work on the machine skews a case; the load average says how much there was.
-            row = {"design": design, "max_batch": DESIGNS[design], "engine": engine} | row | {
-                "load_average_1m": round(os.getloadavg()[0], 2)}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+            for design, (_, url) in servers.items():
+                load_before = os.getloadavg()[0]
+                row = asyncio.run(asyncio.wait_for(
+                    run_clients(url, clients, args.requests_per_client, args.new_tokens), args.case_timeout))
+                # Other work on the machine skews a case; the load average says how much there was.
+                row = {"design": design, "max_batch": DESIGNS[design]} | row | {
+                    "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
         return rows
     finally:
-        stop_server(process)
+        for process, _ in servers.values():
+            stop_server(process)
 
 
 def summary(results: list[dict]) -> dict:
@@ -140,19 +145,22 @@ def summary(results: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model, fewer requests: check the script works")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads of the server")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each server; more than 1 on a "
+                        "machine shared with other work makes every batched matmul wait for a descheduled thread")
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=None, help="tokens per request; default 128 (quick: 16)")
     parser.add_argument("--case-timeout", type=float, default=1200, help="seconds one (design, clients) case may take")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     args.new_tokens = args.new_tokens or (16 if args.quick else 128)  # decode_speed.py's 128 new tokens
-    out = args.out or ROOT / "results" / ("serve_throughput_quick.json" if args.quick else "serve_throughput.json")
+    default_out = Path("/tmp/serve_throughput_quick.json") if args.quick else ROOT / "results" / "serve_throughput.json"
+    out = args.out or default_out
     shape = QUICK if args.quick else SMALL
     folder = build_model(Path("/tmp") / ("rugpt-bench-quick" if args.quick else "rugpt-bench-small"), shape)
-    results = [row for design in DESIGNS for row in measure_design(folder, design, args)]
+    results = measure(folder, args)
     report = {
-        "machine": {"cpu": cpu_name(), "server_threads": args.threads, "torch": torch.__version__},
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "server_threads": args.threads,
+                    "torch": torch.__version__, "engine": "fast (fp32)"},
         "model": shape, "new_tokens": args.new_tokens, "requests_per_client": args.requests_per_client,
         "designs": {name: f"--max-batch {size}" for name, size in DESIGNS.items()},
         "results": results, "summary": summary(results),
