@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from _engine_helpers import prompt_ids, run_tokens
 
 from rugpt.engines import create_engine
 from rugpt.engines import gguf_convert as conversion
@@ -13,20 +14,6 @@ from rugpt.errors import UsageError
 missing = [name for name in ("llama_cpp", "gguf") if importlib.util.find_spec(name) is None]
 needs_llamacpp = pytest.mark.skipif(
     bool(missing), reason=f"{', '.join(missing)} not installed: pip install 'rugpt[llamacpp]' to test these engines")
-
-
-def prompt_ids(tiny, text="Мой дядя самых честных правил"):
-    return tiny.tokenizer(text)["input_ids"]
-
-
-def run_tokens(engine, ids, continuation):
-    """Prefill `ids`, then feed `continuation` token by token; the logits of every step."""
-    row, logits = engine.prefill(ids)
-    out = [logits]
-    for token in continuation:
-        out.append(engine.step([row], [token])[0])
-    engine.release(row)
-    return torch.stack(out)
 
 
 @pytest.fixture(scope="module")

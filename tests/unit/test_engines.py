@@ -1,24 +1,11 @@
 import pytest
 import torch
+from _engine_helpers import prompt_ids, run_tokens
 
 from rugpt.engines import create_engine
 from rugpt.engines.fast import FastEngine
 from rugpt.engines.linear import pack_linear, quantize_int8
 from rugpt.errors import UsageError
-
-
-def prompt_ids(tiny, text="Мой дядя самых честных правил"):
-    return tiny.tokenizer(text)["input_ids"]
-
-
-def run_tokens(engine, ids, continuation):
-    """Prefill `ids`, then feed `continuation` token by token; the logits of every step."""
-    row, logits = engine.prefill(ids)
-    out = [logits]
-    for token in continuation:
-        out.append(engine.step([row], [token])[0])
-    engine.release(row)
-    return torch.stack(out)
 
 
 def test_fast_logits_match_transformers_at_every_step(tiny):
