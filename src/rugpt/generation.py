@@ -247,8 +247,7 @@ class Generator:
                     row, row_logits = engine.prefill(ids, embeds)
                     seed = None if settings.seed is None else settings.seed + len(rows)
                     rows.append(row)
-                    # Trained-prompt tokens lie past the output vocabulary: nothing to penalise or ban there.
-                    samplers.append(RowSampler(params, [t for t in ids if t < engine.vocab_size], seed))
+                    samplers.append(RowSampler(params, ids, seed, engine.vocab_size))
                     logits.append(row_logits)
             active = list(range(len(rows)))
             generated = [0] * len(rows)

@@ -27,15 +27,18 @@ class SamplingParams:
 
 @dataclass
 class RowSampler:
-    """Picks tokens for one sequence; `history` is the prompt plus everything picked so far."""
+    """Picks tokens for one sequence; `history` is the prompt plus everything picked so far (ids at or past
+    `vocab_size`, when given, are left out of it)."""
 
     params: SamplingParams
     history: list[int]
     seed: int | None = None
+    vocab_size: int | None = None
     generator: torch.Generator = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.history = list(self.history)
+        # Trained-prompt tokens lie past the output vocabulary: nothing to penalise or ban there.
+        self.history = [t for t in self.history if self.vocab_size is None or t < self.vocab_size]
         self.generator = torch.Generator().manual_seed(self.seed if self.seed is not None else secrets.randbits(63))
 
     def next_token(self, logits: torch.Tensor) -> int:

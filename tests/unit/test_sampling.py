@@ -41,3 +41,9 @@ def test_same_seed_same_tokens_independent_of_other_rows():
     b = RowSampler(SamplingParams(temperature=1.5), [], seed=42)
     RowSampler(SamplingParams(), [], seed=42).next_token(logits)  # another row's draws change nothing
     assert [a.next_token(logits) for _ in range(10)] == [b.next_token(logits) for _ in range(10)]
+
+
+def test_ids_past_the_vocabulary_stay_out_of_the_history():
+    sampler = RowSampler(SamplingParams(repetition_penalty=2.0), history=[1, 8000, 8001], vocab_size=3)
+    assert sampler.history == [1]
+    assert sampler.process(torch.tensor([4.0, 4.0, 4.0])).tolist() == [4.0, 2.0, 4.0]

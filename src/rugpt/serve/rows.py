@@ -33,9 +33,7 @@ class DecodeRow:
         self.job, self.index, self.engine_row, self.logits = job, index, engine_row, logits
         self.tokenizer = tokenizer
         request = job.request
-        # Prompt tokens of trained prompts lie beyond the vocabulary and mean nothing to the penalties.
-        history = [token for token in spec.prompt_ids if token < vocab_size]
-        self.sampler = RowSampler(request.params, history, spec.seed)
+        self.sampler = RowSampler(request.params, spec.prompt_ids, spec.seed, vocab_size)
         self.watch = StopWatch(tokenizer, request.stop)
         self.ids: list[int] = []
         self._feed: queue.SimpleQueue | None = None
