@@ -2,8 +2,10 @@
 
 A randomly initialised GPT-2 with ruGPT-3 small's shape (speed does not depend on weight values),
 greedy, a 64-token prompt, 128 new tokens, batch 1 and 8, 2 threads. Each case runs in its own
-process so its peak memory (RSS) is its own. Also measures this machine's copy bandwidth and the
-decode rate it allows (bytes of weights read per token / bandwidth).
+process so its peak memory (RSS) is its own. Also measures this machine's memory bandwidth, copying
+(the issue's yardstick) and reading (a 2-thread sum over 1 GiB: what streaming weights needs), before
+and after the cases, and the decode rate each allows (weights read per token / bandwidth).
+CTranslate2 (`pip install ctranslate2`) and llama-cpp-python are compared when installed.
 
     python benchmarks/decode_speed.py            # full run, writes benchmarks/results/decode_speed.json
     python benchmarks/decode_speed.py --quick    # tiny model, a smoke test of the script itself
@@ -27,18 +29,22 @@ ROOT = Path(__file__).resolve().parent
 SMALL = dict(vocab_size=50264, n_layer=12, n_embd=768, n_head=12, n_positions=2048)
 QUICK = dict(vocab_size=8000, n_layer=2, n_embd=64, n_head=2, n_positions=512)
 PROMPT_TOKENS, NEW_TOKENS = 64, 128
+FORMAT_BYTES = {"fp32": 4, "16-bit": 2, "int8": 1}  # bytes per weight
 
 CASES = [
     ("transformers-generate", "fp32", 1), ("transformers-generate", "fp32", 8), ("transformers-generate", "bf16", 1),
     ("rugpt", "transformers", 1),
     ("rugpt", "fast", 1), ("rugpt", "fast", 8),
     ("rugpt", "fast-bf16", 1), ("rugpt", "fast-bf16", 8),
+    ("rugpt", "fast-fp16", 1), ("rugpt", "fast-fp16", 8),
     ("rugpt", "fast-int8", 1), ("rugpt", "fast-int8", 8),
     ("rugpt", "llamacpp-f32", 1), ("rugpt", "llamacpp-f32", 8),
     ("rugpt", "llamacpp-f16", 1), ("rugpt", "llamacpp-f16", 8),
     ("rugpt", "llamacpp-q8", 1), ("rugpt", "llamacpp-q8", 8),
     # llama-cpp-python's own high-level loop on the same GGUF files: llama.cpp without rugpt around it
     ("llama-cpp-python", "f32", 1), ("llama-cpp-python", "q8_0", 1),
+    ("ctranslate2", "float32", 1), ("ctranslate2", "float32", 8),
+    ("ctranslate2", "int8", 1), ("ctranslate2", "int8", 8),
 ]
 
 
@@ -60,16 +66,21 @@ def build_model(folder: Path, shape: dict) -> Path:
     return folder
 
 
-def copy_bandwidth_gb_s(megabytes: int = 1024, repeats: int = 5) -> float:
-    """Best observed rate of copying a large fp32 buffer (bytes copied per second)."""
+def bandwidth_gb_s(megabytes: int = 1024, repeats: int = 5) -> dict[str, float]:
+    """Best observed rates over a large fp32 buffer: copying (bytes copied per second) and reading (a sum)."""
     src = torch.ones(megabytes * 2**20 // 4)
     dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - start)
-    return src.numel() * 4 / best / 1e9
+
+    def best(fn) -> float:
+        fn()
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            seconds.append(time.perf_counter() - start)
+        return src.numel() * 4 / min(seconds) / 1e9
+
+    return {"copy": best(lambda: dst.copy_(src)), "read": best(src.sum)}
 
 
 def prompts(batch: int) -> list[list[int]]:
@@ -137,7 +148,32 @@ def run_llama_cpp(folder: Path, gguf_type: str, batch: int) -> float:
     return min(once(NEW_TOKENS) for _ in range(2))
 
 
-RUNNERS = {"transformers-generate": run_transformers, "rugpt": run_rugpt, "llama-cpp-python": run_llama_cpp}
+def run_ctranslate2(folder: Path, compute_type: str, batch: int) -> float:
+    """Seconds for CTranslate2's `generate_batch` (greedy) on `batch` prompts; converts the model once."""
+    import ctranslate2
+    from ctranslate2.converters import TransformersConverter
+    from transformers import AutoTokenizer
+
+    converted = folder.parent / f"{folder.name}-ct2"
+    if not (converted / "model.bin").exists():
+        TransformersConverter(str(folder)).convert(str(converted), force=True)
+    threads = torch.get_num_threads()
+    generator = ctranslate2.Generator(str(converted), device="cpu", compute_type=compute_type, intra_threads=threads)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokens = [tokenizer.convert_ids_to_tokens(row) for row in prompts(batch)]
+
+    def once(new_tokens: int) -> float:
+        start = time.perf_counter()
+        generator.generate_batch(tokens, max_length=new_tokens, min_length=new_tokens, sampling_topk=1,
+                                 include_prompt_in_result=False)
+        return time.perf_counter() - start
+
+    once(4)
+    return min(once(NEW_TOKENS) for _ in range(2))
+
+
+RUNNERS = {"transformers-generate": run_transformers, "rugpt": run_rugpt, "llama-cpp-python": run_llama_cpp,
+           "ctranslate2": run_ctranslate2}
 
 
 def child(args) -> None:
@@ -191,7 +227,8 @@ def main() -> None:
     shape = QUICK if args.quick else SMALL
     folder = build_model(Path("/tmp") / ("rugpt-bench-quick" if args.quick else "rugpt-bench-small"), shape)
     params = sum(t.numel() for t in load_file(folder / "model.safetensors").values())
-    bandwidth = copy_bandwidth_gb_s(256 if args.quick else 1024)
+    megabytes = 256 if args.quick else 1024
+    before = bandwidth_gb_s(megabytes)
     results = []
     for kind, variant, batch in CASES:
         if args.only and not any(o in f"{kind}:{variant}" for o in args.only):
@@ -199,13 +236,18 @@ def main() -> None:
         row = {"kind": kind, "variant": variant, "batch": batch} | run_case(folder, kind, variant, batch, args.threads)
         print(json.dumps(row), flush=True)
         results.append(row)
+    after = bandwidth_gb_s(megabytes)
+    # the best of the two measurements: the stricter limit
+    bandwidth = {kind: max(before[kind], after[kind]) for kind in before}
     report = {
-        "machine": {"cpu": cpu_name(), "threads": args.threads,
-                    "torch": torch.__version__, "copy_bandwidth_gb_s": round(bandwidth, 1)},
+        "machine": {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__,
+                    "bandwidth_gb_s": {kind: {"before": round(before[kind], 1), "after": round(after[kind], 1)}
+                                       for kind in before}},
         "model": shape | {"parameters": params},
         "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS,
-        "bandwidth_limit_tokens_per_s": {"fp32": bandwidth * 1e9 / (params * 4), "bf16": bandwidth * 1e9 / (params * 2),
-                                         "int8": bandwidth * 1e9 / params},
+        "bandwidth_limit_tokens_per_s": {
+            kind: {fmt: round(gb_s * 1e9 / (params * width), 1) for fmt, width in FORMAT_BYTES.items()}
+            for kind, gb_s in bandwidth.items()},
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

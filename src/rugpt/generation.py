@@ -143,8 +143,8 @@ class GenerationResult:
 class Generator:
     """Keeps a model (and its decode engine) loaded; `rugpt.generate` is the one-call version.
 
-    Beam search runs on transformers' `generate`; everything else runs on the decode engine
-    (`engine`: auto, transformers, fast, fast-bf16, fast-int8, llamacpp-f32/-f16/-q8) with rugpt's own sampler.
+    Beam search runs on transformers' `generate`; everything else runs on the decode engine (`engine`:
+    auto, transformers, fast, fast-bf16, fast-fp16, fast-int8, llamacpp-f32/-f16/-q8) with rugpt's own sampler.
     """
 
     def __init__(self, model: LoadedModel | str | None = None, device: str | None = None, dtype: str | None = None,

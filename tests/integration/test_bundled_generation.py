@@ -82,7 +82,7 @@ def engine_perplexity(engine, ids: list[int]) -> float:
     return math.exp(nats / (len(ids) - 1))
 
 
-@pytest.mark.parametrize("compressed", ["fast-bf16", "fast-int8"])
+@pytest.mark.parametrize("compressed", ["fast-bf16", "fast-fp16", "fast-int8"])
 def test_compressed_weights_keep_heldout_perplexity_within_2_percent(bundled, shared_data, compressed):
     doc = next(d for d in iter_ruslit(shared_data / "ruslit") if is_heldout(d.source, 0.03))
     ids = bundled.tokenizer(doc.text[:3000])["input_ids"][: bundled.context_length - 1]

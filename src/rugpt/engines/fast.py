@@ -3,8 +3,9 @@
 Why it is faster than transformers' `generate` on a CPU: at batch 1 a decode step is a chain of
 matrix-vector products whose cost is reading the weights once; transformers adds cache objects,
 logits processors and module dispatch around them. Here a step is a flat sequence of torch ops on
-tensors prepared once. fp32 weights are shared with the loaded transformers model (one copy in
-memory); bf16 and int8 weights are converted once at start.
+tensors prepared once, and each linear layer uses the CPU kernel that reads its weight format
+fastest (engines/linear.py). fp32 weights are shared with the loaded transformers model (one copy in
+memory); bf16, fp16 and int8 weights are converted once at start.
 
 Rows live in cache slots 0..n-1, kept packed (a released row's slot takes the last row), so a step
 over every active row reads the cache through views, without copies.
@@ -20,12 +21,14 @@ import torch.nn.functional as F
 
 from rugpt.engines.base import DecodeEngine
 from rugpt.engines.linear import PackedLinear, pack_linear
+from rugpt.engines.memory import release_file_pages
 from rugpt.errors import UsageError
 
 
 class WeightFormat(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
+    fp16 = "fp16"
     int8 = "int8"
 
 
@@ -50,6 +53,26 @@ def unsupported_reason(model) -> str | None:
     if config.add_cross_attention:
         return "cross-attention"
     return None
+
+
+def _pack_conv1d(conv, fmt: str) -> PackedLinear:
+    """Pack a GPT-2 Conv1D (weight stored [in, out]) for kernels that read [out, in].
+
+    For fp32 the module's own weight is re-laid out in place as [out, in] memory (the module keeps a
+    transposed view, so it computes the same), which keeps one copy of the weights for the model and
+    the engine. Other formats convert a copy and leave the module as it was. Either way the pages of a
+    weight mapped from a safetensors file that the engine no longer reads are given back.
+    """
+    old = conv.weight.data
+    out_in = old.t()
+    if fmt == WeightFormat.fp32.value:
+        if out_in.is_contiguous():  # laid out by an earlier engine: already shared
+            return pack_linear(out_in, conv.bias, fmt)
+        out_in = out_in.contiguous()
+        conv.weight.data = out_in.t()
+    packed = pack_linear(out_in, conv.bias, fmt)
+    release_file_pages(old)  # no longer read by the engine (the transformers path would read it back from disk)
+    return packed
 
 
 @dataclass
@@ -86,15 +109,17 @@ class FastEngine(DecodeEngine):
         self.layers = [
             _Layer(
                 ln1=(block.ln_1.weight.detach(), block.ln_1.bias.detach()),
-                qkv=pack_linear(block.attn.c_attn.weight, block.attn.c_attn.bias, fmt),
-                proj=pack_linear(block.attn.c_proj.weight, block.attn.c_proj.bias, fmt),
+                qkv=_pack_conv1d(block.attn.c_attn, fmt),
+                proj=_pack_conv1d(block.attn.c_proj, fmt),
                 ln2=(block.ln_2.weight.detach(), block.ln_2.bias.detach()),
-                fc=pack_linear(block.mlp.c_fc.weight, block.mlp.c_fc.bias, fmt),
-                out=pack_linear(block.mlp.c_proj.weight, block.mlp.c_proj.bias, fmt),
+                fc=_pack_conv1d(block.mlp.c_fc, fmt),
+                out=_pack_conv1d(block.mlp.c_proj, fmt),
             )
             for block in transformer.h
         ]
-        self.lm_head = pack_linear(self.wte, None, fmt, transposed=True)
+        self.lm_head = pack_linear(self.wte, None, fmt)
+        if self.weights != WeightFormat.fp32:
+            release_file_pages(self.wte)  # token lookups read back only the rows they need
         shape = (max_rows, self.n_head, context_length, self.head_dim)
         device, dtype = self.wte.device, self.wte.dtype
         # torch.empty only reserves address space: pages are touched as positions fill up.
@@ -123,24 +148,31 @@ class FastEngine(DecodeEngine):
 
     @torch.inference_mode()
     def _step(self, rows: list[int], token_ids: list[int]) -> torch.Tensor:
-        order = sorted(range(len(rows)), key=lambda i: self.slot_of[rows[i]])
-        slots = [self.slot_of[rows[i]] for i in order]
-        tokens = torch.tensor([token_ids[i] for i in order], device=self.wte.device)
-        positions = torch.tensor([self.lengths[rows[i]] for i in order], device=self.wte.device)
+        slots = [self.slot_of[row] for row in rows]
+        order = sorted(range(len(rows)), key=slots.__getitem__)
+        in_order = order == list(range(len(rows)))
+        if not in_order:
+            rows, token_ids, slots = ([seq[i] for i in order] for seq in (rows, token_ids, slots))
+        device = self.wte.device
+        position_list = [self.lengths[row] for row in rows]
+        positions = torch.tensor(position_list, device=device)
         packed = slots == list(range(len(slots)))
-        slot_index = torch.tensor(slots, device=self.wte.device)
-        width = int(positions.max()) + 1
+        slot_index = slice(0, len(slots)) if packed else torch.tensor(slots, device=device)
+        width = max(position_list) + 1
+        ragged = min(position_list) + 1 != width
         mask = None
-        if int(positions.min()) + 1 != width:  # rows of different lengths: hide each row's unused positions
-            mask = (torch.arange(width, device=self.wte.device)[None, :] <= positions[:, None])[:, None, None, :]
+        if ragged:  # rows of different lengths: hide each row's unused positions
+            mask = (torch.arange(width, device=device)[None, :] <= positions[:, None])[:, None, None, :]
             self._clear_unwritten(slots, width)
-        for slot, position in zip(slots, positions.tolist(), strict=True):
+        for slot, position in zip(slots, position_list, strict=True):
             self.written[slot] = max(self.written[slot], position + 1)
-        h = (self.wte[tokens] + self.wpe[positions]).unsqueeze(1)  # [n, 1, d]
+        # one position for every row (the usual case): a plain slice write instead of a scatter
+        write_rows, write_at = (torch.tensor(slots, device=device), positions) if ragged else (slot_index, width - 1)
+        h = (self.wte[torch.tensor(token_ids, device=device)] + self.wpe[positions]).unsqueeze(1)  # [n, 1, d]
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, h)  # each [n, H, 1, hd]
-            self.k_cache[i][slot_index, :, positions] = k[:, :, 0]
-            self.v_cache[i][slot_index, :, positions] = v[:, :, 0]
+            self.k_cache[i][write_rows, :, write_at] = k[:, :, 0]
+            self.v_cache[i][write_rows, :, write_at] = v[:, :, 0]
             if packed:
                 keys, values = self.k_cache[i][: len(slots), :, :width], self.v_cache[i][: len(slots), :, :width]
             else:
@@ -149,6 +181,8 @@ class FastEngine(DecodeEngine):
             attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
             h = self._mlp(layer, h, attn)
         logits = self._logits(h[:, -1])
+        if in_order:
+            return logits
         inverse = [0] * len(order)
         for position, original in enumerate(order):
             inverse[original] = position

@@ -1,7 +1,10 @@
-"""Linear layers of the fast engine in three weight formats: fp32 (shared), bf16, int8 (per-channel).
+"""Linear layers of the fast engine in four weight formats: fp32 (shared), bf16, fp16, int8 (per-channel).
 
-GPT-2 stores its linear weights as Conv1D, [in, out]; `x @ W + b` reads them as they are, so fp32
-needs no copy. bf16 and int8 are converted once into [out, in] for the kernels that want that layout.
+A decode step at small batch is bound by reading weights, so each format uses the CPU kernel that
+reads its bytes fastest (measured by benchmarks/linear_kernels.py on the ruGPT-3 small shapes,
+weights not in cache): fp32 and bf16 go through oneDNN with [out, in] weights (torch's own fp32
+matrix-vector product runs on one core and reads about half as fast); fp16 and int8 go through
+fbgemm's prepacked dynamic linear, with fp32 activations in and out. On a GPU every format is F.linear.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ import torch.nn.functional as F
 
 from rugpt.errors import UsageError
 
+FORMATS = ("fp32", "bf16", "fp16", "int8")
+
 
 @dataclass
 class PackedLinear:
-    """y = x @ W + b for x [n, in] in fp32, whatever the stored format; returns fp32 [n, out]."""
+    """y = x @ W.T + b for x [n, in] in fp32, whatever the stored format; returns fp32 [n, out]."""
 
     forward: Callable[[torch.Tensor], torch.Tensor]
     nbytes: int
@@ -27,31 +32,52 @@ class PackedLinear:
         return self.forward(x)
 
 
-def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, transposed: bool = False) -> PackedLinear:
-    """Pack a Conv1D weight [in, out] (or, with `transposed`, a Linear/embedding weight [out, in])."""
+def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str) -> PackedLinear:
+    """Pack a weight laid out [out, in]. fp32 keeps the tensor itself (no copy) when it is contiguous."""
     weight = weight.detach()
     bias = bias.detach() if bias is not None else None
+    if fmt not in FORMATS:
+        raise UsageError(f"weight format {fmt!r} is unknown; use one of {', '.join(FORMATS)}")
+    on_cpu = weight.device.type == "cpu"
     if fmt == "fp32":
-        return _fp32(weight, bias, transposed)
-    out_in = weight if transposed else weight.t()
+        return _onednn(weight.contiguous(), bias) if on_cpu and _has_onednn() else _plain(weight, bias)
     if fmt == "bf16":
-        return _bf16(out_in.contiguous().to(torch.bfloat16), bias)
-    if fmt == "int8":
-        return _int8(out_in, bias)
-    raise UsageError(f"weight format {fmt!r} is unknown; use fp32, bf16 or int8")
+        w16, b16 = weight.to(torch.bfloat16).contiguous(), _cast(bias, torch.bfloat16)
+        return _onednn(w16, b16) if on_cpu and _has_onednn() else _plain(w16, b16)
+    if not on_cpu:
+        dtype = torch.float16 if fmt == "fp16" else torch.bfloat16  # no int8 GEMV kernel in torch on GPUs
+        return _plain(weight.to(dtype).contiguous(), _cast(bias, dtype))
+    _require_fbgemm(fmt)
+    return _fp16_fbgemm(weight, bias) if fmt == "fp16" else _int8_fbgemm(weight, bias)
 
 
-def _fp32(weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> PackedLinear:
-    if transposed:
-        return PackedLinear(lambda x: F.linear(x, weight, bias), weight.numel() * 4)
-    if bias is None:
-        return PackedLinear(lambda x: x @ weight, weight.numel() * 4)
-    return PackedLinear(lambda x: torch.addmm(bias, x, weight), weight.numel() * 4)
+def _cast(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return bias.to(dtype) if bias is not None else None
 
 
-def _bf16(weight: torch.Tensor, bias: torch.Tensor | None) -> PackedLinear:
-    bias16 = bias.to(torch.bfloat16) if bias is not None else None
-    return PackedLinear(lambda x: F.linear(x.to(torch.bfloat16), weight, bias16).float(), weight.numel() * 2)
+def _has_onednn() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _require_fbgemm(fmt: str) -> None:
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        raise UsageError(f"weight format {fmt!r} needs torch's fbgemm kernels (x86 CPUs); use fp32 or bf16 here")
+
+
+def _plain(weight: torch.Tensor, bias: torch.Tensor | None) -> PackedLinear:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(weight.dtype), weight, bias).float()
+
+    return PackedLinear(forward, weight.numel() * weight.element_size())
+
+
+def _onednn(weight: torch.Tensor, bias: torch.Tensor | None) -> PackedLinear:
+    linear = torch.ops.mkldnn._linear_pointwise
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return linear(x.to(weight.dtype), weight, bias, "none", [], "").float()
+
+    return PackedLinear(forward, weight.numel() * weight.element_size())
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,24 +88,14 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.contiguous(), scale
 
 
-def _int8(weight: torch.Tensor, bias: torch.Tensor | None) -> PackedLinear:
+def _fp16_fbgemm(weight: torch.Tensor, bias: torch.Tensor | None) -> PackedLinear:
+    packed = torch.ops.quantized.linear_prepack_fp16(weight.float().contiguous(), bias)
+    return PackedLinear(lambda x: torch.ops.quantized.linear_dynamic_fp16(x.contiguous(), packed), weight.numel() * 2)
+
+
+def _int8_fbgemm(weight: torch.Tensor, bias: torch.Tensor | None) -> PackedLinear:
+    """fbgemm's dynamic int8 linear: the weight prepacked once, activations quantized per call (per tensor)."""
     q, scale = quantize_int8(weight)
-    if "fbgemm" in torch.backends.quantized.supported_engines:
-        return _int8_fbgemm(q, scale, bias)
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), q, scale)
-        return y + bias if bias is not None else y
-
-    return PackedLinear(forward, q.numel() + scale.numel() * 4)
-
-
-def _int8_fbgemm(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> PackedLinear:
-    """fbgemm's dynamic int8 linear: the weight prepacked once, activations quantized per call (per tensor).
-
-    At batch 1 on x86 it reads int8 weights near memory speed, 6x faster than fp32 on the 768x50264
-    logits matrix, where aten._weight_int8pack_mm is 3x slower than fp32 (benchmarks/linear_kernels.py).
-    """
     zero = torch.zeros(q.shape[0], dtype=torch.long)
     with warnings.catch_warnings():  # quantized tensors are deprecated, yet they are fbgemm's only way in
         warnings.simplefilter("ignore", UserWarning)

@@ -17,7 +17,7 @@ class ServerSettings(BaseModel):
     model: str | None = Field(None, description="alias, hub id or local folder of the model (default: bundled)")
     served_name: str | None = Field(
         None, description="model id clients see in /v1/models and send as `model` (default: the model's name)")
-    engine: str = Field("auto", description="decode engine: auto, transformers, fast, fast-bf16, fast-int8, "
+    engine: str = Field("auto", description="decode engine: auto, transformers, fast, fast-bf16, fast-fp16, fast-int8, "
                                                   "llamacpp-f32, llamacpp-f16, llamacpp-q8")
     device: str | None = Field(None, description="torch device (default: cuda if available, else cpu)")
     # security: loopback by default, so a model is never exposed to a network by accident.

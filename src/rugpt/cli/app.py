@@ -1,0 +1,90 @@
+"""The Typer app and what every command shares: one-line errors with exit code 2, text readers, option types."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from rugpt.errors import RugptError, UsageError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Russian GPT models (ruGPT-3 family) at work.")
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def command(func):
+    """Register a command whose user errors print as one line on stderr and exit with code 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except RugptError as exc:
+            err.print(f"[red]error:[/red] {exc}", markup=True)
+            raise typer.Exit(2) from None
+
+    return app.command(name=func.__name__.replace("_", "-"))(wrapper)
+
+
+def setting_help(settings_cls, name: str) -> str:
+    """A setting's help text, written once where the setting is defined."""
+    return next(f.metadata.get("help", "") for f in dataclasses.fields(settings_cls) if f.name == name)
+
+
+def read_text_arg(text: str | None, file: Path | None, what: str = "prompt") -> str:
+    """Text from an argument, a file, or stdin ('-' or nothing while stdin is piped)."""
+    if file is not None:
+        try:
+            return file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read {what} file {str(file)!r}: {exc}") from None
+    if text in (None, "-"):
+        if sys.stdin.isatty():
+            raise UsageError(f"no {what}: give it as an argument, with --file, or on stdin")
+        return sys.stdin.read()
+    return text
+
+
+@app.callback()
+def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log what happens")] = False) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    for noisy in ("transformers", "huggingface_hub", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="alias, hub id or folder (default: bundled)")]
+
+
+def set_only(**values) -> dict:
+    """The options a user gave: None means 'use the default defined in the settings class'."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def unescape(text: str | None) -> str | None:
+    """Shells pass \\n and \\t literally; templates and personas need real newlines and tabs."""
+    return None if text is None else text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def preview(text: str, width: int = 60) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def settings_from_cli(preset, **fields):
+    from rugpt.generation import GenerationSettings
+
+    fields["stop"] = tuple(fields["stop"]) if fields.get("stop") else None
+    return GenerationSettings.from_preset(preset, **fields)
+
+
+def gen_help(name: str) -> str:
+    from rugpt.generation import GenerationSettings
+
+    return setting_help(GenerationSettings, name)

@@ -1,0 +1,138 @@
+"""Applications built on generation: `rugpt recommend`, `rugpt chat`, `rugpt play`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from rugpt.cli.app import ModelOpt, command, err, gen_help, out, set_only, setting_help, settings_from_cli, unescape
+from rugpt.errors import UsageError
+
+
+def _rec_help(name: str) -> str:
+    from rugpt.apps.recommender import RecommenderSettings
+
+    return setting_help(RecommenderSettings, name)
+
+
+@command
+def recommend(
+    liked: Annotated[Optional[list[str]], typer.Argument(help="items the user liked")] = None,
+    model: ModelOpt = None,
+    domain: Annotated[Optional[str], typer.Option(help=_rec_help("domain"))] = None,
+    catalogue: Annotated[Optional[str], typer.Option(help="keep only items of this CSV catalogue (title, year); "
+                                                     "'films_ru' is the shipped one")] = None,
+    samples: Annotated[Optional[int], typer.Option(help=_rec_help("samples"))] = None,
+    top: Annotated[Optional[int], typer.Option(help=_rec_help("top"))] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help=_rec_help("max_new_tokens"))] = None,
+    temperature: Annotated[Optional[float], typer.Option(help=_rec_help("temperature"))] = None,
+    top_p: Annotated[Optional[float], typer.Option(help=_rec_help("top_p"))] = None,
+    seed: Annotated[Optional[int], typer.Option(help=_rec_help("seed"))] = None,
+    quotes: Annotated[Optional[str], typer.Option(help=_rec_help("quotes"))] = None,
+    min_similarity: Annotated[Optional[float], typer.Option(help=_rec_help("min_similarity"))] = None,
+    eval_file: Annotated[Optional[Path], typer.Option("--eval", help='users JSONL ({"liked": [...]} per line): '
+                                                      "report hit-rate@top and catalogue coverage")] = None,
+    hide: Annotated[Optional[int], typer.Option(help="with --eval: how many of each user's last items to hide "
+                                                "(default 1)")] = None,
+    show_samples: Annotated[bool, typer.Option("--show-samples", help="also print the sampled continuations")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Recommend by seed programming: list what a user liked, sample continuations, count the titles."""
+    from rugpt.apps.recommender import Catalogue, Recommender, RecommenderSettings, read_users
+
+    settings = RecommenderSettings(**set_only(
+        domain=domain, samples=samples, top=top, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_p=top_p, seed=seed, quotes=quotes, min_similarity=min_similarity))
+    recommender = Recommender(model, Catalogue.load(catalogue) if catalogue else None)
+    if eval_file is not None:
+        report = recommender.evaluate(read_users(eval_file), settings, **set_only(hide=hide))
+        if as_json:
+            print(json.dumps(report.to_dict(), ensure_ascii=False))
+            return
+        coverage = "—" if report.coverage is None else f"{report.coverage:.3f}"
+        out.print(f"hit-rate@{report.k} {report.hit_rate:.3f} over {report.users} users "
+                  f"({report.hidden_per_user} hidden each); "
+                  f"catalogue coverage {coverage}; {report.distinct_recommended} distinct items recommended")
+        return
+    if not liked:
+        raise UsageError("no liked items: give them as arguments, e.g. rugpt recommend 'Брат' 'Бумер'")
+    result = recommender.recommend(liked, settings)
+    if as_json:
+        print(json.dumps(result.to_dict(), ensure_ascii=False))
+        return
+    table = Table("#", "title", "year", "votes")
+    for i, item in enumerate(result.items, start=1):
+        table.add_row(str(i), escape(item.title), str(item.year or ""), f"{item.votes}/{settings.samples}")
+    out.print(table if result.items else "no names came back; try more --samples or another --seed")
+    for sample in result.samples if show_samples else []:
+        out.print(sample, markup=False)
+
+
+@command
+def chat(
+    model: ModelOpt = None,
+    once: Annotated[Optional[str], typer.Option(help="send this one message, print the reply and exit")] = None,
+    user_tag: Annotated[Optional[str], typer.Option(help="the tag before your lines (default 'Пользователь:')")] = None,
+    bot_tag: Annotated[Optional[str], typer.Option(help="the tag before the bot's lines (default 'Бот:')")] = None,
+    persona: Annotated[Optional[str], typer.Option(help="who the bot is, put before the dialogue")] = None,
+    seed_dialogue: Annotated[Optional[Path], typer.Option(help="a file of opening turns, each line starting with "
+                                                          "a speaker tag")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="precise | greedy | balanced | creative")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help=gen_help("max_new_tokens"))] = None,
+    temperature: Annotated[Optional[float], typer.Option(help=gen_help("temperature"))] = None,
+    seed: Annotated[Optional[int], typer.Option(help=gen_help("seed"))] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="with --once: print the reply as JSON")] = False,
+) -> None:
+    """Talk to a model in the terminal; /reset starts over, /exit or Ctrl-D leaves."""
+    from rugpt.apps.chat import Chat, ChatSettings, read_dialogue
+
+    generation = settings_from_cli(preset, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    settings = ChatSettings(generation=generation, **set_only(
+        user_tag=user_tag, bot_tag=bot_tag, persona=unescape(persona)))
+    if seed_dialogue is not None:
+        turns = read_dialogue(seed_dialogue, settings.user_tag, settings.bot_tag)
+        settings = dataclasses.replace(settings, seed_dialogue=turns)
+    session = Chat(model, settings)
+    if once is not None:
+        reply = session.send(once)
+        if as_json:
+            print(json.dumps({"message": once, "reply": reply}, ensure_ascii=False))
+        else:
+            out.print(reply, markup=False)
+        return
+    err.print("/reset starts over, /exit or Ctrl-D leaves", style="dim")
+    while True:
+        try:
+            message = out.input(f"{escape(settings.user_tag)} ").strip()
+        except (EOFError, KeyboardInterrupt):
+            break
+        if message in ("/exit", "/выход"):
+            break
+        if message == "/reset":
+            session.reset()
+        elif message:
+            out.print(f"{settings.bot_tag} {session.send(message)}", markup=False)
+
+
+@command
+def play(
+    scenario: Annotated[Optional[str], typer.Option("--scenario", "-s", help="fantasy | detective | space | "
+                                                    "postapocalypse, or a scenario .yaml file")] = None,
+    model: ModelOpt = None,
+    db: Annotated[Optional[Path], typer.Option(help="SQLite file of saved adventures "
+                                               "(default: ~/.local/share/rugpt/adventures.sqlite3)")] = None,
+    resume: Annotated[Optional[int], typer.Option(help="id of a saved adventure to continue (see --list)")] = None,
+    import_file: Annotated[Optional[Path], typer.Option("--import", help="continue an adventure exported as "
+                                                        "JSON")] = None,
+    list_only: Annotated[bool, typer.Option("--list", help="list scenarios and saved adventures")] = False,
+) -> None:
+    """A text adventure: type what you do («я открываю дверь»), the model tells what happens."""
+    from rugpt.apps.adventure.terminal import play as run
+
+    run(scenario, model=model, db=db, resume=resume, import_file=import_file, list_only=list_only, console=out)

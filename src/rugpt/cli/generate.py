@@ -1,0 +1,78 @@
+"""`rugpt generate`: continue a text with any decoding strategy, streamed or as JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from rugpt.cli.app import ModelOpt, command, gen_help, out, read_text_arg, settings_from_cli
+
+
+@command
+def generate(
+    prompt: Annotated[Optional[str], typer.Argument(help="text to continue ('-' for stdin)")] = None,
+    file: Annotated[Optional[Path], typer.Option("--file", "-f", help="read the prompt from this file")] = None,
+    model: ModelOpt = None,
+    preset: Annotated[Optional[str], typer.Option(help="precise | greedy | balanced | creative")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help=gen_help("max_new_tokens"))] = None,
+    do_sample: Annotated[Optional[bool], typer.Option("--sample/--no-sample", help=gen_help("do_sample"))] = None,
+    temperature: Annotated[Optional[float], typer.Option(help=gen_help("temperature"))] = None,
+    top_k: Annotated[Optional[int], typer.Option(help=gen_help("top_k"))] = None,
+    top_p: Annotated[Optional[float], typer.Option(help=gen_help("top_p"))] = None,
+    repetition_penalty: Annotated[Optional[float], typer.Option(help=gen_help("repetition_penalty"))] = None,
+    no_repeat_ngram_size: Annotated[Optional[int], typer.Option(help=gen_help("no_repeat_ngram_size"))] = None,
+    num_beams: Annotated[Optional[int], typer.Option(help=gen_help("num_beams"))] = None,
+    num_return_sequences: Annotated[Optional[int], typer.Option("--n", help=gen_help("num_return_sequences"))] = None,
+    seed: Annotated[Optional[int], typer.Option(help=gen_help("seed"))] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(help=gen_help("stop") + " (repeatable)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object (no streaming)")] = False,
+    stream: Annotated[bool, typer.Option(help="print tokens as they are produced")] = True,
+    prompt_tuned: Annotated[Optional[str], typer.Option(
+        help="trained prompt (folder or hub id) to apply; a format with several fields takes the text as JSON")] = None,
+    engine: Annotated[str, typer.Option(
+        help="auto | transformers | fast | fast-bf16 | fast-fp16 | fast-int8 | llamacpp-f32/-f16/-q8")] = "auto",
+) -> None:
+    """Continue a Russian text with the bundled model or any GPT-2-architecture checkpoint."""
+    from rugpt.generation import Generator
+
+    settings = settings_from_cli(
+        preset, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+        top_p=top_p, repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+        num_beams=num_beams, num_return_sequences=num_return_sequences, seed=seed, stop=stop,
+    )
+    text = read_text_arg(prompt, file)
+    tuned = None
+    if prompt_tuned is not None:
+        from rugpt.prompts.prompt import Prompt
+
+        tuned = Prompt.from_pretrained(prompt_tuned)
+        model = model or tuned.config.pretrained_model_name  # the model the prompt was trained for
+    generator = Generator(model, engine=engine)
+    model_text = text if tuned is None else tuned.patch(generator.loaded.model, generator.loaded.tokenizer).render(text)
+    can_stream = stream and not as_json and settings.num_beams == 1 and settings.num_return_sequences == 1
+    if can_stream:
+        generator.encode_prompt(model_text, settings.max_new_tokens)  # validate before echoing the prompt
+        out.print(text, end="", style="bold")
+        for piece in generator.stream(model_text, settings):
+            out.print(piece, end="")
+        out.print()
+        return
+    result = generator.generate(model_text, settings)
+    if as_json:
+        payload = {
+            "model": generator.loaded.name, "engine": result.engine, "prompt": result.prompt,
+            "prompt_tokens": result.prompt_tokens, "prompt_truncated": result.prompt_truncated,
+            "settings": dataclasses.asdict(settings),
+            "completions": [dataclasses.asdict(c) for c in result.completions],
+        }
+        print(json.dumps(payload, ensure_ascii=False))
+        return
+    for i, completion in enumerate(result.completions):
+        if len(result.completions) > 1:
+            out.rule(f"{i + 1}")
+        out.print(text, end="", style="bold")
+        out.print(completion.text)
