@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 SMALL = dict(vocab_size=50264, n_layer=12, n_embd=768, n_head=12, n_positions=2048)
 QUICK = dict(vocab_size=8000, n_layer=2, n_embd=64, n_head=2, n_positions=128)
-FULL_RUN = dict(block_size=1024, batch_size=8, micro_batch_size=4, steps=8)
+FULL_RUN = dict(block_size=1024, batch_size=8, micro_batch_size=4, steps=5)
 QUICK_RUN = dict(block_size=64, batch_size=4, micro_batch_size=2, steps=4)
 CASES = [("rugpt", "full"), ("trainer", "full"), ("rugpt", "lora"), ("trainer", "lora")]
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["c_attn"])
@@ -180,6 +180,8 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true", help="in every case")
     parser.add_argument("--out", type=Path, help="results file; default results/finetune_speed.json "
                                                  "(with --quick: a temp folder, so real results are never replaced)")
+    parser.add_argument("--only", nargs="*", help="re-run only these cases (kind:method, e.g. rugpt:full) and "
+                                                   "keep the other rows of the results file")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     for hidden in ("--folder", "--data", "--kind", "--method", "--run"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
@@ -192,9 +194,14 @@ def main() -> None:
     folder = build_model(work / "model", shape)
     data = build_data(work / "data.txt", words=20_000 if args.quick else 200_000)
     out = args.out or (work / "finetune_speed.json" if args.quick else ROOT / "results" / "finetune_speed.json")
+    earlier = json.loads(out.read_text())["results"] if args.only and out.exists() else []
     results = []
     for kind, method in CASES:
-        row = {"kind": kind, "method": method} | run_case(args, folder, data, kind, method, run)
+        if args.only and f"{kind}:{method}" not in args.only:
+            results += [r for r in earlier if (r["kind"], r["method"]) == (kind, method)]
+            continue
+        row = {"kind": kind, "method": method, "measured_at": time.strftime("%Y-%m-%d %H:%M")}
+        row |= run_case(args, folder, data, kind, method, run)
         print(json.dumps(row), flush=True)
         results.append(row)
     speed = {(r["kind"], r["method"]): r.get("tokens_per_s") for r in results}

@@ -352,31 +352,54 @@ def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
 
 
 class StopStringCutter:
-    """Turns a stream of token ids into text pieces, holding back what may be the start of a stop string."""
+    """Turns token ids into text pieces, holding back what may be the start of a stop string.
+
+    Push tokens as they come (`push`, then `finish`), or pull pieces from an iterator of token batches
+    (`pieces`); the pieces joined are the generated text cut at the first stop string.
+    """
 
     def __init__(self, tokenizer, stop: tuple[str, ...]):
         self.tokenizer, self.stop = tokenizer, stop
+        self.ids: list[int] = []
+        self.sent = 0
+        self.stopped = False  # a stop string came: nothing more is released
+
+    def push(self, token_ids: list[int]) -> str:
+        """Add tokens; return the text that became safe to show (often empty)."""
+        if self.stopped:
+            return ""
+        self.ids.extend(token_ids)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        cut = cut_at_stop(text, self.stop)
+        if cut != text:
+            self.stopped = True
+            return self._release(cut, len(cut))
+        safe = len(text) - self._held_back(text)
+        if text.endswith("\ufffd"):  # a multi-byte character split between tokens: wait for the rest
+            safe = min(safe, len(text) - 1)
+        return self._release(text, safe)
+
+    def finish(self) -> str:
+        """The text still held back, once no more tokens will come."""
+        if self.stopped:
+            return ""
+        text = cut_at_stop(self.tokenizer.decode(self.ids, skip_special_tokens=True), self.stop)
+        return self._release(text, len(text))
 
     def pieces(self, token_batches) -> Iterator[str]:
-        ids: list[int] = []
-        sent = 0
         for batch in token_batches:
-            ids.extend(batch)
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            cut = cut_at_stop(text, self.stop)
-            if cut != text:
-                if len(cut) > sent:
-                    yield cut[sent:]
+            if piece := self.push(batch):
+                yield piece
+            if self.stopped:
                 return
-            safe = len(text) - self._held_back(text)
-            if text.endswith("\ufffd"):  # a multi-byte character split between tokens: wait for the rest
-                safe = min(safe, len(text) - 1)
-            if safe > sent:
-                yield text[sent:safe]
-                sent = safe
-        text = cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), self.stop)
-        if len(text) > sent:
-            yield text[sent:]
+        if piece := self.finish():
+            yield piece
+
+    def _release(self, text: str, upto: int) -> str:
+        if upto <= self.sent:
+            return ""
+        piece, self.sent = text[self.sent:upto], upto
+        return piece
 
     def _held_back(self, text: str) -> int:
         """Length of the longest end of `text` that is a proper prefix of a stop string."""

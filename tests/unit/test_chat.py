@@ -27,6 +27,10 @@ class ScriptedModel:
         text = cut_at_stop(self.replies.pop(0), settings.stop)
         return GenerationResult(prompt, [Completion(text, [], "stop")], 0, False, "scripted")
 
+    def stream(self, prompt, settings=None):
+        text = self.generate(prompt, settings).completions[0].text
+        yield from (text[i:i + 3] for i in range(0, len(text), 3))
+
 
 def test_prompt_has_persona_dialogue_and_ends_with_the_bot_tag(tiny):
     settings = ChatSettings(persona="Бот — вежливый помощник.", user_tag="Я:", bot_tag="ИИ:")
@@ -68,6 +72,27 @@ def test_real_generation_is_repeatable_with_a_seed(tiny):
     assert replies == [second.send("Привет!"), second.send("Что нового?")]
     assert all("Пользователь:" not in r and "Бот:" not in r for r in replies)
     assert len(first.turns) == len(DEFAULT_SEED_DIALOGUE) + 4
+
+
+def test_streamed_reply_is_the_generated_reply_and_is_remembered(tiny):
+    from rugpt.generation import Generator
+
+    settings = ChatSettings(generation=GenerationSettings(max_new_tokens=12, seed=7))
+    generator = Generator(tiny)
+    chat, reference = Chat(generator, settings), Chat(generator, settings)
+    reference.turns.append(Turn(Speaker.user, "Привет!"))
+    expected = generator.generate(reference.prompt(), settings.reply_settings()).completions[0].text.strip()
+    pieces = list(chat.stream("Привет!"))
+    assert len(pieces) > 1 and "".join(pieces).strip() == expected
+    assert chat.turns[-1] == Turn(Speaker.bot, expected)
+
+
+def test_a_stream_read_only_in_part_keeps_what_was_said(tiny):
+    chat = Chat(ScriptedModel(tiny, [" Раз два три четыре"]))
+    stream = chat.stream("Считай")
+    first = next(stream)
+    stream.close()
+    assert chat.turns[-2:] == [Turn(Speaker.user, "Считай"), Turn(Speaker.bot, first.strip())]
 
 
 def test_parse_dialogue_joins_continuation_lines():

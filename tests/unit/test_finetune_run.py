@@ -135,3 +135,21 @@ def test_early_stopping_ends_the_run(model_dir, poems, tmp_path):
     result = finetune(poems, tmp_path / "run", str(model_dir), **(FAST | {"lr": 3.0, "eval_every": 1, "max_steps": 30}),
                       patience=2, schedule="constant", warmup_steps=0)
     assert result.stopped == "early stopping" and result.steps < 30
+
+
+def test_token_loss_sum_counts_only_target_tokens(tiny):
+    from rugpt.training.data import Blocks
+    from rugpt.training.finetune import _token_loss_sum
+
+    torch.manual_seed(0)
+    tokens = torch.randint(1, 50, (2, 9))
+    targets = torch.ones_like(tokens, dtype=torch.bool)
+    targets[1, :5] = False  # e.g. a question under --loss-on answer
+    blocks = Blocks(tokens, targets, documents=2, token_count=18)
+    model = tiny.model
+    with torch.no_grad():
+        loss, count = _token_loss_sum(model, blocks, torch.tensor([0, 1]), "cpu")
+        logprobs = torch.log_softmax(model(input_ids=tokens).logits.float(), dim=-1)
+    expected = -sum(float(logprobs[r, t - 1, tokens[r, t]]) for r in range(2) for t in range(1, 9) if targets[r, t])
+    assert int(count) == 8 + 4
+    assert float(loss) == pytest.approx(expected, rel=1e-5)

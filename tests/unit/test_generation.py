@@ -165,7 +165,18 @@ def test_stream_cutter_holds_back_a_possible_stop_prefix():
     assert "".join(pieces) == "Привет\nБо"  # the stream ended without the stop string: all text comes out
     assert pieces[-1] == "\nБо"  # ...but "\nБо" was held back until the end
     full = [[ord(c)] for c in "Привет\nБот: пока"]
-    assert "".join(cutter.pieces(iter(full))) == "Привет"
+    assert "".join(StopStringCutter(_CharTokenizer(), ("\nБот:",)).pieces(iter(full))) == "Привет"
+
+
+def test_stream_cutter_pushed_token_by_token_releases_what_pieces_yields():
+    cutter = StopStringCutter(_CharTokenizer(), ("\nБот:",))
+    released = [cutter.push([ord(c)]) for c in "Да\nБот: нет"]
+    assert released[:3] == ["Д", "а", ""]  # the newline may begin the stop string: held back
+    assert "".join(released) == "Да" and cutter.stopped
+    assert cutter.push([ord("!")]) == "" and cutter.finish() == ""
+    open_ended = StopStringCutter(_CharTokenizer(), ("\nБот:",))
+    assert [open_ended.push([ord(c)]) for c in "Да\nБ"] == ["Д", "а", "", ""]
+    assert open_ended.finish() == "\nБ"
 
 
 def test_batch_equals_each_prompt_alone(gen):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Protocol
 
 from rugpt.generation import GenerationResult, GenerationSettings, Generator
@@ -17,6 +18,8 @@ class TextGenerator(Protocol):
     def tokenizer(self): ...
 
     def generate(self, prompt: str, settings: GenerationSettings | None = None) -> GenerationResult: ...
+
+    def stream(self, prompt: str, settings: GenerationSettings | None = None) -> Iterator[str]: ...
 
 
 def as_generator(model: TextGenerator | LoadedModel | str | None) -> TextGenerator:

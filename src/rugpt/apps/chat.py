@@ -8,6 +8,7 @@ oldest turns leave it first (the persona stays).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -69,7 +70,8 @@ class ChatSettings:
 
 
 class Chat:
-    """A dialogue with a model: `send(text)` returns the bot's reply and remembers both turns."""
+    """A dialogue with a model: `send(text)` returns the bot's reply, `stream(text)` yields it as it is written;
+    both remember the two turns."""
 
     def __init__(self, model: TextGenerator | LoadedModel | str | None = None, settings: ChatSettings | None = None):
         self.generator = as_generator(model)
@@ -78,14 +80,26 @@ class Chat:
 
     def send(self, text: str) -> str:
         """The bot's reply to `text`."""
+        return "".join(self.stream(text)).strip()
+
+    def stream(self, text: str) -> Iterator[str]:
+        """The bot's reply to `text` in pieces as the model writes them (joined and stripped: `send`'s reply).
+
+        The reply is remembered when the stream ends, or as far as it got when the reader stops early.
+        """
         if not text or not text.strip():
             raise UsageError("message is empty: write something to the bot")
         self.turns.append(Turn(Speaker.user, text.strip()))
         self._trim()
-        completion = self.generator.generate(self.prompt(), self.settings.reply_settings())
-        reply = completion.text.strip()
-        self.turns.append(Turn(Speaker.bot, reply))
-        return reply
+        pieces: list[str] = []
+        try:
+            for piece in self.generator.stream(self.prompt(), self.settings.reply_settings()):
+                piece = piece if pieces else piece.lstrip()  # the space after the bot's tag is not the reply's
+                if piece:
+                    pieces.append(piece)
+                    yield piece
+        finally:
+            self.turns.append(Turn(Speaker.bot, "".join(pieces).strip()))
 
     def prompt(self) -> str:
         """What the model continues: the persona, the turns, and the bot's tag."""

@@ -117,7 +117,17 @@ def chat(
         if message == "/reset":
             session.reset()
         elif message:
-            out.print(f"{settings.bot_tag} {session.send(message)}", markup=False)
+            out.print(f"{settings.bot_tag} ", end="", markup=False)
+            pending = ""  # whitespace is printed only once more text follows it: a reply ends without it
+            try:
+                for piece in session.stream(message):
+                    text = pending + piece
+                    body = text.rstrip()
+                    pending = text[len(body):]
+                    out.print(body, end="", markup=False)
+            except KeyboardInterrupt:  # stops this reply, not the chat; what was written is kept
+                pass
+            out.print()
 
 
 @command

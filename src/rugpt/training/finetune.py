@@ -149,9 +149,12 @@ def _token_loss_sum(model, blocks: Blocks, rows: torch.Tensor, device) -> tuple[
     """Summed next-token cross-entropy over the target tokens of `rows`, and how many there are (no GPU sync)."""
     tokens = blocks.tokens[rows].long().to(device)
     targets = blocks.targets[rows, 1:].to(device)
-    labels = tokens[:, 1:].masked_fill(~targets, -100)
-    logits = model(input_ids=tokens, use_cache=False).logits[:, :-1]  # [batch, block - 1, vocab]
-    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+    # Labels shift left rather than logits: slicing the [batch, block, vocab] logits would copy them
+    # (hundreds of MB at ruGPT-3's vocabulary) and their gradient; the last position predicts nothing.
+    labels = torch.full_like(tokens, -100)
+    labels[:, :-1] = tokens[:, 1:].masked_fill(~targets, -100)
+    logits = model(input_ids=tokens, use_cache=False).logits
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
                                              reduction="sum")
     return loss, targets.sum()
 
