@@ -4,7 +4,7 @@ from _engine_helpers import prompt_ids, run_tokens
 
 from rugpt.engines import create_engine
 from rugpt.engines.fast import FastEngine
-from rugpt.engines.linear import pack_linear, quantize_int8
+from rugpt.engines.linear import _int8_packed_mm, pack_linear, quantize_int8
 from rugpt.errors import UsageError
 
 
@@ -83,6 +83,15 @@ def test_packed_linear_computes_x_times_w_transposed(fmt, tolerance):
     scales = 48 * 4 if fmt == "int8" else 0
     assert packed.nbytes == w.numel() * {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}[fmt] + scales
     assert (packed(x) - exact).abs().max() <= tolerance * exact.abs().max()
+
+
+def test_int8_without_fbgemm_runs_weight_only_int8():
+    torch.manual_seed(0)
+    w, bias, x = torch.randn(48, 32), torch.randn(48), torch.randn(3, 32)
+    exact = x @ w.t() + bias
+    packed = _int8_packed_mm(w, bias)
+    assert packed.nbytes == w.numel() + 48 * 4
+    assert (packed(x) - exact).abs().max() <= 0.05 * exact.abs().max()
 
 
 def test_fp32_engine_shares_the_models_weights(tiny):

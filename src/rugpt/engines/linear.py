@@ -4,7 +4,8 @@ A decode step at small batch is bound by reading weights, so each format uses th
 reads its bytes fastest (measured by benchmarks/linear_kernels.py on the ruGPT-3 small shapes,
 weights not in cache): fp32 and bf16 go through oneDNN with [out, in] weights (torch's own fp32
 matrix-vector product runs on one core and reads about half as fast); fp16 and int8 go through
-fbgemm's prepacked dynamic linear, with fp32 activations in and out. On a GPU every format is F.linear.
+fbgemm's prepacked dynamic linear, with fp32 activations in and out. Where those kernels are missing
+(a GPU, a non-x86 CPU) fp32/bf16/fp16 run on F.linear and int8 on aten's weight-only int8 matmul.
 """
 
 from __future__ import annotations
@@ -39,16 +40,16 @@ def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str) -> Pa
     if fmt not in FORMATS:
         raise UsageError(f"weight format {fmt!r} is unknown; use one of {', '.join(FORMATS)}")
     on_cpu = weight.device.type == "cpu"
-    if fmt == "fp32":
-        return _onednn(weight.contiguous(), bias) if on_cpu and _has_onednn() else _plain(weight, bias)
-    if fmt == "bf16":
-        w16, b16 = weight.to(torch.bfloat16).contiguous(), _cast(bias, torch.bfloat16)
-        return _onednn(w16, b16) if on_cpu and _has_onednn() else _plain(w16, b16)
-    if not on_cpu:
-        dtype = torch.float16 if fmt == "fp16" else torch.bfloat16  # no int8 GEMV kernel in torch on GPUs
-        return _plain(weight.to(dtype).contiguous(), _cast(bias, dtype))
-    _require_fbgemm(fmt)
-    return _fp16_fbgemm(weight, bias) if fmt == "fp16" else _int8_fbgemm(weight, bias)
+    if fmt in ("fp32", "bf16"):
+        dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
+        w, b = weight.to(dtype).contiguous(), _cast(bias, dtype)
+        return _onednn(w, b) if on_cpu and _has_onednn() else _plain(w, b)
+    # fbgemm (x86 CPUs) reads 16- and 8-bit weights fastest; elsewhere the same formats run on plain kernels
+    fbgemm = on_cpu and "fbgemm" in torch.backends.quantized.supported_engines
+    if fmt == "fp16":
+        return _fp16_fbgemm(weight, bias) if fbgemm else _plain(weight.to(torch.float16).contiguous(),
+                                                               _cast(bias, torch.float16))
+    return _int8_fbgemm(weight, bias) if fbgemm else _int8_packed_mm(weight, bias)
 
 
 def _cast(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -57,11 +58,6 @@ def _cast(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 
 def _has_onednn() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def _require_fbgemm(fmt: str) -> None:
-    if "fbgemm" not in torch.backends.quantized.supported_engines:
-        raise UsageError(f"weight format {fmt!r} needs torch's fbgemm kernels (x86 CPUs); use fp32 or bf16 here")
 
 
 def _plain(weight: torch.Tensor, bias: torch.Tensor | None) -> PackedLinear:
@@ -91,6 +87,17 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _fp16_fbgemm(weight: torch.Tensor, bias: torch.Tensor | None) -> PackedLinear:
     packed = torch.ops.quantized.linear_prepack_fp16(weight.float().contiguous(), bias)
     return PackedLinear(lambda x: torch.ops.quantized.linear_dynamic_fp16(x.contiguous(), packed), weight.numel() * 2)
+
+
+def _int8_packed_mm(weight: torch.Tensor, bias: torch.Tensor | None) -> PackedLinear:
+    """int8 weights through aten's weight-only int8 matmul: where fbgemm is missing (GPUs, non-x86 CPUs)."""
+    q, scale = quantize_int8(weight)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), q, scale)
+        return y + bias if bias is not None else y
+
+    return PackedLinear(forward, q.numel() + scale.numel() * 4)
 
 
 def _int8_fbgemm(weight: torch.Tensor, bias: torch.Tensor | None) -> PackedLinear:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import mmap
 import sys
@@ -19,6 +20,13 @@ import torch
 
 log = logging.getLogger(__name__)
 _MADV_DONTNEED = 4
+
+
+@functools.cache
+def _madvise():
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise
 
 
 def _file_mapping(start: int, end: int) -> str | None:
@@ -48,9 +56,7 @@ def release_file_pages(tensor: torch.Tensor) -> bool:
     path = _file_mapping(start, end)
     if not path or not path.endswith(".safetensors"):
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    if libc.madvise(start, end - start, _MADV_DONTNEED) != 0:
+    if _madvise()(start, end - start, _MADV_DONTNEED) != 0:
         log.debug("madvise failed with errno %d", ctypes.get_errno())
         return False
     return True
