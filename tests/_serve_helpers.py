@@ -1,4 +1,5 @@
-"""Helpers for the server tests: a decode engine slowed down on purpose, an app, a client, a live uvicorn."""
+"""Helpers for the server tests: a decode engine slowed down on purpose, an app, a client, a live uvicorn,
+and a page of headless Chromium."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 
 import httpx
 import torch
@@ -98,6 +100,27 @@ def live_server(app) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=15)
         assert not thread.is_alive(), "the server did not stop within 15 s"
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+@contextmanager
+def chromium_page(url: str, timeout_ms: int) -> Iterator:
+    """A page of Debian's headless Chromium (driven by playwright, never a downloaded browser) opened at `url`."""
+    from playwright import sync_api
+
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True,
+                                             timeout=30_000)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(timeout_ms)
+            page.goto(url)
+            yield page
+        finally:
+            browser.close()
 
 
 def metric(text: str, name: str) -> float:

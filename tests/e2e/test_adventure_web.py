@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -22,12 +19,11 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
+from _serve_helpers import CHROMIUM, chromium_page  # noqa: E402
+from _serve_helpers import live_server as serve_live  # noqa: E402
 from conftest import build_tiny_model  # noqa: E402
 from rugpt.apps.adventure.store import AdventureStore  # noqa: E402
 from rugpt.apps.adventure.web import TOKEN_HEADER, create_play_router  # noqa: E402
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
 
 @pytest.fixture(scope="module")
@@ -46,22 +42,11 @@ def live_server(loaded, db: Path) -> Iterator[str]:
     store = AdventureStore(db)
     app = create_app(ServerSettings(model=loaded.source, max_batch=4), loaded=loaded,
                      routers=[create_play_router(store)])
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        with serve_live(app) as url:
+            yield url
     finally:
-        server.should_exit = True
-        thread.join(30)
         store.close()
-        sock.close()
 
 
 def new_adventure(client: httpx.Client, scenario: str = "fantasy") -> str:
@@ -162,28 +147,21 @@ def test_router_on_any_app_with_a_local_generator(loaded, tmp_path):
 @pytest.mark.skipif(not CHROMIUM.exists() or shutil.which("chromium") is None,
                     reason="Debian chromium is not installed (apt-get install -y chromium)")
 def test_chromium_plays_three_turns_and_finds_them_after_reload(loaded, tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api")
+    pytest.importorskip("playwright.sync_api")
     actions = [("do", "я открываю дверь", "Вы открываете дверь."),
                ("say", "есть кто живой?", "Вы говорите: «Есть кто живой?»"),
                ("do", "я беру меч", "Вы берёте меч.")]
-    with live_server(loaded, tmp_path / "games.sqlite3") as url, sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, timeout=30_000)
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(30_000)
-            page.goto(f"{url}/play")
-            page.click("button[data-scenario=fantasy]")
-            page.wait_for_selector("#game:not(.hidden)")
-            for number, (kind, typed, _) in enumerate(actions, start=1):
-                page.select_option("#action-kind", kind)
-                page.fill("#action-text", typed)
-                page.click("#send")
-                page.wait_for_function(f"document.querySelectorAll('#story .turn').length === {number}")
-                page.wait_for_selector("#send:not([disabled])")
-            page.reload()
-            page.wait_for_function("document.querySelectorAll('#story .turn').length === 3")
-            shown = page.locator("#story .turn-action").all_text_contents()
-            assert shown == [expected for _, _, expected in actions]
-            assert "Вышеград" in page.locator("#story .opening").text_content()
-        finally:
-            browser.close()
+    with live_server(loaded, tmp_path / "games.sqlite3") as url, chromium_page(f"{url}/play", 30_000) as page:
+        page.click("button[data-scenario=fantasy]")
+        page.wait_for_selector("#game:not(.hidden)")
+        for number, (kind, typed, _) in enumerate(actions, start=1):
+            page.select_option("#action-kind", kind)
+            page.fill("#action-text", typed)
+            page.click("#send")
+            page.wait_for_function(f"document.querySelectorAll('#story .turn').length === {number}")
+            page.wait_for_selector("#send:not([disabled])")
+        page.reload()
+        page.wait_for_function("document.querySelectorAll('#story .turn').length === 3")
+        shown = page.locator("#story .turn-action").all_text_contents()
+        assert shown == [expected for _, _, expected in actions]
+        assert "Вышеград" in page.locator("#story .opening").text_content()
