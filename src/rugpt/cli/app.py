@@ -72,11 +72,6 @@ def unescape(text: str | None) -> str | None:
     return None if text is None else text.replace("\\n", "\n").replace("\\t", "\t")
 
 
-def preview(text: str, width: int = 60) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= width else flat[: width - 1] + "…"
-
-
 def settings_from_cli(preset, **fields):
     from rugpt.generation import GenerationSettings
 

@@ -11,9 +11,13 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from rugpt.cli.app import ModelOpt, command, out, preview, read_text_arg, set_only, setting_help, unescape
+from rugpt.cli.app import ModelOpt, command, out, read_text_arg, set_only, setting_help, unescape
 from rugpt.errors import UsageError
 
+
+def _preview(text: str, width: int = 60) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 def _read_texts(texts: list[str] | None, file: Path | None, jsonl: Path | None, field: str, lines: bool) -> list[str]:
     """Texts from arguments, a file or stdin (one text, or one per line with --lines), or a JSONL field."""
@@ -74,7 +78,7 @@ def score(
     table = Table("#", "tokens", "log-likelihood", "mean loss", "perplexity", "windows", "text")
     for i, r in enumerate(results, start=1):
         table.add_row(str(i), str(r.num_tokens), f"{r.log_likelihood:.2f}", f"{r.mean_loss:.4f}",
-                      f"{r.perplexity:.2f}", str(r.windows), escape(preview(r.text)))
+                      f"{r.perplexity:.2f}", str(r.windows), escape(_preview(r.text)))
     out.print(table)
     for i, r in enumerate(results, start=1):
         if r.tokens:
@@ -135,7 +139,7 @@ def classify(
         return
     table = Table("text", "label", *settings.label_names)
     for p in predictions:
-        table.add_row(escape(preview(p.text)), escape(p.label), *(f"{v:.3f}" for v in p.probabilities.values()))
+        table.add_row(escape(_preview(p.text)), escape(p.label), *(f"{v:.3f}" for v in p.probabilities.values()))
     out.print(table)
 
 

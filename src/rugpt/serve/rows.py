@@ -30,15 +30,17 @@ class DecodeRow:
         self.tokenizer = tokenizer
         request = job.request
         self.sampler = RowSampler(request.params, spec.prompt_ids, spec.seed, vocab_size)
-        self.watch = StopWatch(tokenizer, request.stop)
         self.ids: list[int] = []
+        # A streamed row's cutter decodes its text anyway and knows when a stop string came; others need a watch.
         self.cutter = StopStringCutter(tokenizer, request.stop) if request.stream else None
+        self.watch = None if request.stream else StopWatch(tokenizer, request.stop)
 
     def add(self, token: int) -> str | None:
         """Record a generated token; "stop" when the text now holds a stop string, else None."""
         self.ids.append(token)
         if self.cutter is not None:
             self._post_piece(self.cutter.push([token]))
+            return "stop" if self.cutter.stopped else None
         return "stop" if self.watch.add(token) else None
 
     def finish(self, end: RowEnd) -> None:
