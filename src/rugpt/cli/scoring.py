@@ -19,6 +19,7 @@ def _preview(text: str, width: int = 60) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
+
 def _read_texts(texts: list[str] | None, file: Path | None, jsonl: Path | None, field: str, lines: bool) -> list[str]:
     """Texts from arguments, a file or stdin (one text, or one per line with --lines), or a JSONL field."""
     from rugpt.jsonl import read_field
