@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from rugpt.engines.base import DecodeEngine
 from rugpt.engines.linear import PackedLinear, pack_linear
 from rugpt.engines.memory import release_file_pages
+from rugpt.engines.native import NativeStep, gpt2_tensors, step_kernel
 from rugpt.errors import UsageError
 
 
@@ -125,9 +126,21 @@ class FastEngine(DecodeEngine):
         # torch.empty only reserves address space: pages are touched as positions fill up.
         self.k_cache = [torch.empty(shape, device=device, dtype=dtype) for _ in self.layers]
         self.v_cache = [torch.empty(shape, device=device, dtype=dtype) for _ in self.layers]
+        self.native = self._native_step(model)
         self.slot_of: dict[int, int] = {}
         # Positions [0, written[slot]) of a slot hold finite numbers; beyond is torch.empty memory, maybe NaN.
         self.written = [0] * max_rows
+
+    def _native_step(self, model) -> NativeStep | None:
+        """rugpt's compiled batch-1 step (engines/native.py) where it applies: fp32 weights on the CPU, tanh GELU."""
+        tanh_gelu = model.config.activation_function in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+        if self.weights != WeightFormat.fp32 or self.wte.device.type != "cpu" or not tanh_gelu:
+            return None
+        kernel = step_kernel()
+        if kernel is None:
+            return None
+        return NativeStep(kernel, **gpt2_tensors(model), k_cache=self.k_cache, v_cache=self.v_cache,
+                          n_head=self.n_head, eps=self.eps)
 
     @torch.inference_mode()
     def _prefill(self, row: int, token_ids: list[int], embeds: torch.Tensor | None) -> torch.Tensor:
@@ -148,6 +161,10 @@ class FastEngine(DecodeEngine):
 
     @torch.inference_mode()
     def _step(self, rows: list[int], token_ids: list[int]) -> torch.Tensor:
+        if self.native is not None and len(rows) == 1:
+            slot, position = self.slot_of[rows[0]], self.lengths[rows[0]]
+            self.written[slot] = max(self.written[slot], position + 1)
+            return self.native(slot, position, token_ids[0])
         slots = [self.slot_of[row] for row in rows]
         order = sorted(range(len(rows)), key=slots.__getitem__)
         in_order = order == list(range(len(rows)))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from enum import Enum
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from rugpt.atomic import atomic_write_dir
+from rugpt.cache import cache_dir
 from rugpt.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -42,13 +42,6 @@ class GGUFType(str, Enum):
     f32 = "f32"
     f16 = "f16"
     q8_0 = "q8_0"
-
-
-def cache_dir() -> Path:
-    """Where converted models live: $RUGPT_CACHE, else $XDG_CACHE_HOME/rugpt, else ~/.cache/rugpt."""
-    if os.environ.get("RUGPT_CACHE"):
-        return Path(os.environ["RUGPT_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "rugpt"
 
 
 def unsupported_reason(config: dict) -> str | None:
