@@ -36,6 +36,8 @@ CASES = [
     ("transformers-generate", "fp32", 1), ("transformers-generate", "fp32", 8), ("transformers-generate", "bf16", 1),
     ("rugpt", "transformers", 1),
     ("rugpt", "fast", 1), ("rugpt", "fast", 8),
+    # the fast engine without its compiled step (RUGPT_NATIVE=0): torch ops over the same weights
+    ("rugpt", "fast-torch-step", 1), ("rugpt", "fast-torch-step", 8),
     ("rugpt", "fast-bf16", 1), ("rugpt", "fast-bf16", 8),
     ("rugpt", "fast-fp16", 1), ("rugpt", "fast-fp16", 8),
     ("rugpt", "fast-int8", 1), ("rugpt", "fast-int8", 8),
@@ -111,6 +113,9 @@ def run_rugpt(folder: Path, engine: str, batch: int) -> float:
     """Seconds for rugpt's generation path (Generator.decode: engine + sampler) on `batch` prompts."""
     from rugpt.generation import GenerationSettings, Generator
 
+    if engine == "fast-torch-step":
+        os.environ["RUGPT_NATIVE"] = "0"
+        engine = "fast"
     generator = Generator(str(folder), engine=engine)
     settings = GenerationSettings.from_preset("greedy", no_repeat_ngram_size=0, max_new_tokens=NEW_TOKENS)
     rows = prompts(batch)

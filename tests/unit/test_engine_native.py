@@ -37,6 +37,20 @@ def test_native_step_equals_the_torch_step_logits_and_cache(tiny):
 
 
 @needs_compiler
+def test_native_batched_ragged_step_equals_the_torch_step(tiny):
+    texts = ("Буря мглою", "Я помню чудное мгновенье, передо мной", "Ночь")
+    engines = [create_engine(tiny, "fast", max_rows=4) for _ in range(2)]
+    engines[1].native = None
+    logits = []
+    for engine in engines:
+        rows = [engine.prefill(prompt_ids(tiny, text))[0] for text in texts]
+        order = [rows[2], rows[0], rows[1]]  # not in slot order
+        logits.append(torch.stack([engine.step(order, [7 + i, 300 + i, 40 + i]) for i in range(4)]))
+    assert engines[0].native is not None
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=0)
+
+
+@needs_compiler
 def test_native_step_serves_a_row_in_any_slot(tiny):
     engine = create_engine(tiny, "fast")
     first = engine.prefill(prompt_ids(tiny, "Один"))[0]
@@ -82,3 +96,16 @@ def test_other_weight_formats_and_activations_do_not_use_it(tiny):
         assert create_engine(tiny, "fast").native is None
     finally:
         tiny.model.config.activation_function = "gelu_new"
+
+
+@needs_compiler
+def test_two_threads_give_the_one_thread_answer(tiny):
+    ids = prompt_ids(tiny)
+    one = run_tokens(create_engine(tiny, "fast"), ids, [5, 6, 7])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        two = run_tokens(create_engine(tiny, "fast"), ids, [5, 6, 7])
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(two, one, atol=1e-5, rtol=0)

@@ -132,7 +132,7 @@ class FastEngine(DecodeEngine):
         self.written = [0] * max_rows
 
     def _native_step(self, model) -> NativeStep | None:
-        """rugpt's compiled batch-1 step (engines/native.py) where it applies: fp32 weights on the CPU, tanh GELU."""
+        """rugpt's compiled step (engines/native.py) where it applies: fp32 weights on the CPU, tanh GELU."""
         tanh_gelu = model.config.activation_function in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
         if self.weights != WeightFormat.fp32 or self.wte.device.type != "cpu" or not tanh_gelu:
             return None
@@ -161,10 +161,11 @@ class FastEngine(DecodeEngine):
 
     @torch.inference_mode()
     def _step(self, rows: list[int], token_ids: list[int]) -> torch.Tensor:
-        if self.native is not None and len(rows) == 1:
-            slot, position = self.slot_of[rows[0]], self.lengths[rows[0]]
-            self.written[slot] = max(self.written[slot], position + 1)
-            return self.native(slot, position, token_ids[0])
+        if self.native is not None:
+            slots, positions = [self.slot_of[row] for row in rows], [self.lengths[row] for row in rows]
+            for slot, position in zip(slots, positions, strict=True):
+                self.written[slot] = max(self.written[slot], position + 1)
+            return self.native(slots, positions, token_ids)
         slots = [self.slot_of[row] for row in rows]
         order = sorted(range(len(rows)), key=slots.__getitem__)
         in_order = order == list(range(len(rows)))

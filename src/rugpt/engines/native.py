@@ -50,7 +50,7 @@ class _Model(ctypes.Structure):
 
 
 class NativeStep:
-    """Batch-1 decode steps of one GPT-2 (tanh GELU, fp32, CPU) over the fast engine's KV cache.
+    """Decode steps of one GPT-2 (tanh GELU, fp32, CPU) over the fast engine's KV cache, up to `max_rows` rows.
 
     `layers` holds, per layer, the tensors named in PER_LAYER: weights [out, in] contiguous (the fast
     engine's fp32 layout), biases and layer-norm parameters. Caches are [rows, heads, ctx, head_dim].
@@ -66,9 +66,9 @@ class NativeStep:
                 raise ValueError("the native step needs contiguous fp32 CPU tensors")
         vocab, d = wte.shape
         d_ff = layers[0]["fc_w"].shape[0]
-        ctx = k_cache[0].shape[2]
-        self._scratch = {name: torch.zeros(size) for name, size in
-                         (("h", d), ("a", d), ("qkv", 3 * d), ("att", d), ("f", d_ff), ("scores", n_head * ctx))}
+        self.max_rows, _, ctx, _ = k_cache[0].shape
+        per_row = (("h", d), ("a", d), ("qkv", 3 * d), ("att", d), ("f", d_ff), ("scores", n_head * ctx))
+        self._scratch = {name: torch.zeros(self.max_rows, size) for name, size in per_row}
         self._keep = tensors  # the struct holds raw pointers: keep what they point into alive
         self._layer = _pointers(layer[name] for layer in layers for name in PER_LAYER)
         self._k, self._v = _pointers(k_cache), _pointers(v_cache)
@@ -76,10 +76,15 @@ class NativeStep:
                              self._layer, self._k, self._v, *(_ptr(t) for t in self._scratch.values()))
         self.vocab = vocab
 
-    def __call__(self, slot: int, position: int, token: int) -> torch.Tensor:
-        """Logits [1, vocab] for `token` at `position` of the row in cache slot `slot`; writes its K and V."""
-        logits = torch.empty(1, self.vocab)
-        self._kernel(ctypes.byref(self._model), slot, position, token, _ptr(logits), torch.get_num_threads())
+    def __call__(self, slots: list[int], positions: list[int], tokens: list[int]) -> torch.Tensor:
+        """Logits [n, vocab] for tokens[r] at positions[r] of the row in cache slot slots[r]; writes their K and V."""
+        n = len(slots)
+        if not 0 < n <= self.max_rows:
+            raise ValueError(f"the native step takes 1 to {self.max_rows} rows, not {n}")
+        logits = torch.empty(n, self.vocab)
+        ints = ctypes.c_int * n
+        self._kernel(ctypes.byref(self._model), n, ints(*slots), ints(*positions), ints(*tokens), _ptr(logits),
+                     torch.get_num_threads())
         return logits
 
 
@@ -108,7 +113,8 @@ def _load():
     if os.environ.get("RUGPT_NATIVE", "1") == "0":
         raise NativeUnavailable("RUGPT_NATIVE=0")
     kernel = ctypes.CDLL(str(_built())).rugpt_step
-    kernel.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, _P, ctypes.c_int]
+    ints = ctypes.POINTER(ctypes.c_int)
+    kernel.argtypes = [ctypes.c_void_p, ctypes.c_int, ints, ints, ints, _P, ctypes.c_int]
     kernel.restype = None
     return kernel
 
@@ -122,16 +128,20 @@ def _check(kernel) -> None:
     with torch.random.fork_rng():  # the caller's random state (a user's seed) stays as it was
         torch.manual_seed(0)
         model = GPT2LMHeadModel(config).eval()
-    tokens = [3, 17, 42, 5]
+    tokens = [[3, 17, 42, 5], [8, 1, 60, 33, 2, 9]]  # two rows of different lengths, stepped together
     heads, head_dim = config.n_head, config.n_embd // config.n_head
-    k_cache = [torch.zeros(1, heads, config.n_positions, head_dim) for _ in range(config.n_layer)]
+    k_cache = [torch.zeros(2, heads, config.n_positions, head_dim) for _ in range(config.n_layer)]
     v_cache = [torch.zeros_like(k) for k in k_cache]
     step = NativeStep(kernel, **gpt2_tensors(model), k_cache=k_cache, v_cache=v_cache, n_head=heads,
                       eps=config.layer_norm_epsilon)
     with torch.inference_mode():
-        expected = model(torch.tensor([tokens])).logits[0]
-        got = torch.cat([step(0, position, token) for position, token in enumerate(tokens)])
-    error = (got - expected).abs().max().item()
+        expected = [model(torch.tensor([row])).logits[0] for row in tokens]
+        got = [[], [step([1], [0], [tokens[1][0]])[0], step([1], [1], [tokens[1][1]])[0]]]
+        for position in range(len(tokens[0])):
+            both = step([0, 1], [position, position + 2], [tokens[0][position], tokens[1][position + 2]])
+            got[0].append(both[0])
+            got[1].append(both[1])
+    error = max((torch.stack(g) - e).abs().max().item() for g, e in zip(got, expected, strict=True))
     if not error < 1e-4:
         raise NativeUnavailable(f"the built step disagrees with transformers (max abs error {error:g})")
 
