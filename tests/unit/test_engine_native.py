@@ -2,6 +2,7 @@
 
 import logging
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -21,32 +22,63 @@ def fresh_kernel(tmp_path, monkeypatch):
     native.step_kernel.cache_clear()
 
 
+def _int8_as_the_kernel_computes(linear):
+    """y = (round(x / sx) · q) * sx * s + b with sx = max|x| / 127 per row: int8 activations, as VNNI sees them."""
+
+    def forward(x):
+        sx = x.abs().amax(1, keepdim=True).clamp(min=1e-30) / 127
+        return (torch.round(x / sx) @ linear.weight.float().T) * sx * linear.scale + linear.bias
+
+    return forward
+
+
+def _step_like_the_kernel(engine) -> None:
+    """From now on the torch side's int8 products quantize their inputs as the kernel's steps do (prefills,
+    in both, widen the weights to fp32 instead)."""
+    if engine.weights.value == "int8":
+        for layer in engine.layers:
+            for linear in (layer.qkv, layer.proj, layer.fc, layer.out):
+                linear.forward = _int8_as_the_kernel_computes(linear)
+        engine.lm_head.forward = _int8_as_the_kernel_computes(replace(engine.lm_head, bias=0))
+
+
+def _pair(tiny, engine: str, max_rows: int = 16):
+    """The same weights stepped by the compiled step and by torch ops (the same engine with its step taken off)."""
+    compiled, by_torch = (create_engine(tiny, engine, max_rows=max_rows) for _ in range(2))
+    if compiled.weights.value not in native.step_kernel().formats:
+        pytest.skip(f"this CPU's build does not read {engine}")
+    assert compiled.native is not None
+    by_torch.native = None
+    return compiled, by_torch
+
+
 @needs_compiler
-def test_native_step_equals_the_torch_step_logits_and_cache(tiny):
+@pytest.mark.parametrize("engine", ["fast", "fast-bf16", "fast-int8"])
+def test_native_step_equals_the_torch_step_logits_and_cache(tiny, engine):
     ids = prompt_ids(tiny)
     continuation = [5, 17, 240, 3, 99, 1024, 7]
-    compiled = create_engine(tiny, "fast")
-    assert compiled.native is not None
-    by_torch = create_engine(tiny, "fast")
-    by_torch.native = None
-    torch.testing.assert_close(run_tokens(compiled, ids, continuation), run_tokens(by_torch, ids, continuation),
-                               atol=1e-4, rtol=0)
+    compiled, by_torch = _pair(tiny, engine)
+    rows = [compiled.prefill(ids)[0], by_torch.prefill(ids)[0]]
+    _step_like_the_kernel(by_torch)
+    for token in continuation:
+        torch.testing.assert_close(compiled.step(rows[:1], [token]), by_torch.step(rows[1:], [token]),
+                                   atol=1e-4, rtol=0)
     end = len(ids) + len(continuation)
     for mine, theirs in zip(compiled.k_cache + compiled.v_cache, by_torch.k_cache + by_torch.v_cache, strict=True):
         torch.testing.assert_close(mine[0, :, :end], theirs[0, :, :end], atol=1e-5, rtol=0)
 
 
 @needs_compiler
-def test_native_batched_ragged_step_equals_the_torch_step(tiny):
+@pytest.mark.parametrize("engine", ["fast", "fast-int8"])
+def test_native_batched_ragged_step_equals_the_torch_step(tiny, engine):
     texts = ("Буря мглою", "Я помню чудное мгновенье, передо мной", "Ночь")
-    engines = [create_engine(tiny, "fast", max_rows=4) for _ in range(2)]
-    engines[1].native = None
+    engines = _pair(tiny, engine, max_rows=4)
     logits = []
     for engine in engines:
         rows = [engine.prefill(prompt_ids(tiny, text))[0] for text in texts]
+        _step_like_the_kernel(engine)
         order = [rows[2], rows[0], rows[1]]  # not in slot order
         logits.append(torch.stack([engine.step(order, [7 + i, 300 + i, 40 + i]) for i in range(4)]))
-    assert engines[0].native is not None
     torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=0)
 
 
@@ -89,8 +121,7 @@ def test_without_a_working_compiler_the_engine_steps_with_torch(tiny, fresh_kern
     torch.testing.assert_close(run_tokens(engine, ids, [5, 6]), reference, atol=1e-4, rtol=0)
 
 
-def test_other_weight_formats_and_activations_do_not_use_it(tiny):
-    assert create_engine(tiny, "fast-bf16").native is None
+def test_other_activations_do_not_use_it(tiny):
     tiny.model.config.activation_function = "relu"
     try:
         assert create_engine(tiny, "fast").native is None

@@ -1,11 +1,13 @@
-"""The fast engine: a lean GPT-2 decode loop over a preallocated KV cache, with fp32, bf16 or int8 weights.
+"""The fast engine: a lean GPT-2 decode loop over a preallocated KV cache, with fp32, bf16, fp16 or int8 weights.
 
 Why it is faster than transformers' `generate` on a CPU: at batch 1 a decode step is a chain of
 matrix-vector products whose cost is reading the weights once; transformers adds cache objects,
-logits processors and module dispatch around them. Here a step is a flat sequence of torch ops on
-tensors prepared once, and each linear layer uses the CPU kernel that reads its weight format
-fastest (engines/linear.py). fp32 weights are shared with the loaded transformers model (one copy in
-memory); bf16, fp16 and int8 weights are converted once at start.
+logits processors and module dispatch around them. On a CPU with a C compiler a step is one call
+into rugpt's compiled step (engines/native.py: fp32, bf16, and int8 where the CPU has VNNI); other
+steps, and every prefill, are a flat sequence of torch ops on tensors prepared once, each linear
+layer on the kernel that reads its weight format fastest (engines/linear.py). fp32 weights are
+shared with the loaded transformers model (one copy in memory); bf16, fp16 and int8 weights are
+converted once at start.
 
 Rows live in cache slots 0..n-1, kept packed (a released row's slot takes the last row), so a step
 over every active row reads the cache through views, without copies.
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from rugpt.engines.base import DecodeEngine
 from rugpt.engines.linear import PackedLinear, pack_linear
 from rugpt.engines.memory import release_file_pages
-from rugpt.engines.native import NativeStep, gpt2_tensors, step_kernel
+from rugpt.engines.native import Kernel, NativeStep, step_kernel
 from rugpt.errors import UsageError
 
 
@@ -56,7 +58,7 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
-def _pack_conv1d(conv, fmt: str) -> PackedLinear:
+def _pack_conv1d(conv, fmt: str, plain: bool) -> PackedLinear:
     """Pack a GPT-2 Conv1D (weight stored [in, out]) for kernels that read [out, in].
 
     For fp32 the module's own weight is re-laid out in place as [out, in] memory (the module keeps a
@@ -68,10 +70,10 @@ def _pack_conv1d(conv, fmt: str) -> PackedLinear:
     out_in = old.t()
     if fmt == WeightFormat.fp32.value:
         if out_in.is_contiguous():  # laid out by an earlier engine: already shared
-            return pack_linear(out_in, conv.bias, fmt)
+            return pack_linear(out_in, conv.bias, fmt, plain)
         out_in = out_in.contiguous()
         conv.weight.data = out_in.t()
-    packed = pack_linear(out_in, conv.bias, fmt)
+    packed = pack_linear(out_in, conv.bias, fmt, plain)
     release_file_pages(old)  # no longer read by the engine (the transformers path would read it back from disk)
     return packed
 
@@ -107,18 +109,20 @@ class FastEngine(DecodeEngine):
         self.wpe = transformer.wpe.weight.detach()
         self.ln_f = (transformer.ln_f.weight.detach(), transformer.ln_f.bias.detach())
         fmt = self.weights.value
+        kernel = self._native_kernel(config.activation_function)
+        plain = kernel is not None  # the compiled step reads the weights itself: no fbgemm copies
         self.layers = [
             _Layer(
                 ln1=(block.ln_1.weight.detach(), block.ln_1.bias.detach()),
-                qkv=_pack_conv1d(block.attn.c_attn, fmt),
-                proj=_pack_conv1d(block.attn.c_proj, fmt),
+                qkv=_pack_conv1d(block.attn.c_attn, fmt, plain),
+                proj=_pack_conv1d(block.attn.c_proj, fmt, plain),
                 ln2=(block.ln_2.weight.detach(), block.ln_2.bias.detach()),
-                fc=_pack_conv1d(block.mlp.c_fc, fmt),
-                out=_pack_conv1d(block.mlp.c_proj, fmt),
+                fc=_pack_conv1d(block.mlp.c_fc, fmt, plain),
+                out=_pack_conv1d(block.mlp.c_proj, fmt, plain),
             )
             for block in transformer.h
         ]
-        self.lm_head = pack_linear(self.wte, None, fmt)
+        self.lm_head = pack_linear(self.wte, None, fmt, plain)
         if self.weights != WeightFormat.fp32:
             release_file_pages(self.wte)  # token lookups read back only the rows they need
         shape = (max_rows, self.n_head, context_length, self.head_dim)
@@ -126,21 +130,21 @@ class FastEngine(DecodeEngine):
         # torch.empty only reserves address space: pages are touched as positions fill up.
         self.k_cache = [torch.empty(shape, device=device, dtype=dtype) for _ in self.layers]
         self.v_cache = [torch.empty(shape, device=device, dtype=dtype) for _ in self.layers]
-        self.native = self._native_step(model)
+        self.native = kernel and NativeStep(kernel, wte=self.wte, wpe=self.wpe, ln_f=self.ln_f, lm_head=self.lm_head,
+                                            layers=self.layers, k_cache=self.k_cache, v_cache=self.v_cache,
+                                            n_head=self.n_head, eps=self.eps)
         self.slot_of: dict[int, int] = {}
         # Positions [0, written[slot]) of a slot hold finite numbers; beyond is torch.empty memory, maybe NaN.
         self.written = [0] * max_rows
 
-    def _native_step(self, model) -> NativeStep | None:
-        """rugpt's compiled step (engines/native.py) where it applies: fp32 weights on the CPU, tanh GELU."""
-        tanh_gelu = model.config.activation_function in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
-        if self.weights != WeightFormat.fp32 or self.wte.device.type != "cpu" or not tanh_gelu:
+    def _native_kernel(self, activation: str) -> Kernel | None:
+        """rugpt's compiled step (engines/native.py) where it applies: fp32 model on the CPU, tanh GELU, a weight
+        format the build reads; else None, and steps run as torch ops."""
+        tanh_gelu = activation in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+        if self.wte.device.type != "cpu" or self.wte.dtype != torch.float32 or not tanh_gelu:
             return None
         kernel = step_kernel()
-        if kernel is None:
-            return None
-        return NativeStep(kernel, **gpt2_tensors(model), k_cache=self.k_cache, v_cache=self.v_cache,
-                          n_head=self.n_head, eps=self.eps)
+        return kernel if kernel is not None and self.weights.value in kernel.formats else None
 
     @torch.inference_mode()
     def _prefill(self, row: int, token_ids: list[int], embeds: torch.Tensor | None) -> torch.Tensor:

@@ -6,6 +6,10 @@ weights not in cache): fp32 and bf16 go through oneDNN with [out, in] weights (t
 matrix-vector product runs on one core and reads about half as fast); fp16 and int8 go through
 fbgemm's prepacked dynamic linear, with fp32 activations in and out. Where those kernels are missing
 (a GPU, a non-x86 CPU) fp32/bf16/fp16 run on F.linear and int8 on aten's weight-only int8 matmul.
+
+When rugpt's compiled decode step (engines/native.py) does the steps, it reads the weights itself:
+`pack_linear(..., plain=True)` then keeps bf16 and int8 as plain tensors (no fbgemm
+copy) and the torch side, which then only runs prefills, widens them to fp32 per call.
 """
 
 from __future__ import annotations
@@ -24,22 +28,33 @@ FORMATS = ("fp32", "bf16", "fp16", "int8")
 
 @dataclass
 class PackedLinear:
-    """y = x @ W.T + b for x [n, in] in fp32, whatever the stored format; returns fp32 [n, out]."""
+    """y = x @ W.T + b for x [n, in] in fp32, whatever the stored format; returns fp32 [n, out].
+
+    `weight` ([out, in]), `scale` (per output row, int8 only) and `bias` are the stored tensors where
+    other code may read them (None where only fbgemm's packed copy exists).
+    """
 
     forward: Callable[[torch.Tensor], torch.Tensor]
     nbytes: int
+    weight: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(x)
 
 
-def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str) -> PackedLinear:
-    """Pack a weight laid out [out, in]. fp32 keeps the tensor itself (no copy) when it is contiguous."""
+def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, plain: bool = False) -> PackedLinear:
+    """Pack a weight laid out [out, in]. fp32 keeps the tensor itself (no copy) when it is contiguous.
+
+    `plain`: store every format as a plain tensor in `.weight` (see the module's docstring)."""
     weight = weight.detach()
     bias = bias.detach() if bias is not None else None
     if fmt not in FORMATS:
         raise UsageError(f"weight format {fmt!r} is unknown; use one of {', '.join(FORMATS)}")
     on_cpu = weight.device.type == "cpu"
+    if plain and fmt != "fp32":
+        return _widening(weight, bias, fmt)
     if fmt in ("fp32", "bf16"):
         dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
         w, b = weight.to(dtype).contiguous(), _cast(bias, dtype)
@@ -64,7 +79,7 @@ def _plain(weight: torch.Tensor, bias: torch.Tensor | None) -> PackedLinear:
     def forward(x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.to(weight.dtype), weight, bias).float()
 
-    return PackedLinear(forward, weight.numel() * weight.element_size())
+    return PackedLinear(forward, weight.numel() * weight.element_size(), weight, None, bias)
 
 
 def _onednn(weight: torch.Tensor, bias: torch.Tensor | None) -> PackedLinear:
@@ -73,7 +88,22 @@ def _onednn(weight: torch.Tensor, bias: torch.Tensor | None) -> PackedLinear:
     def forward(x: torch.Tensor) -> torch.Tensor:
         return linear(x.to(weight.dtype), weight, bias, "none", [], "").float()
 
-    return PackedLinear(forward, weight.numel() * weight.element_size())
+    return PackedLinear(forward, weight.numel() * weight.element_size(), weight, None, bias)
+
+
+def _widening(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str) -> PackedLinear:
+    """bf16 or int8 (per-row scales) kept as plain tensors, widened to fp32 for each call."""
+    if fmt not in ("bf16", "int8"):
+        raise UsageError(f"plain packing takes bf16 or int8 weights, not {fmt!r}")
+    bias = _cast(bias, torch.float32)
+    stored, scale = quantize_int8(weight) if fmt == "int8" else (weight.to(torch.bfloat16).contiguous(), None)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        wide = stored.float() if scale is None else stored.float() * scale[:, None]
+        return F.linear(x.float(), wide, bias)
+
+    nbytes = stored.numel() * stored.element_size() + (scale.numel() * 4 if scale is not None else 0)
+    return PackedLinear(forward, nbytes, stored, scale, bias)
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +127,7 @@ def _int8_packed_mm(weight: torch.Tensor, bias: torch.Tensor | None) -> PackedLi
         y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), q, scale)
         return y + bias if bias is not None else y
 
-    return PackedLinear(forward, q.numel() + scale.numel() * 4)
+    return PackedLinear(forward, q.numel() + scale.numel() * 4, q, scale, bias)
 
 
 def _int8_fbgemm(weight: torch.Tensor, bias: torch.Tensor | None) -> PackedLinear:

@@ -1,4 +1,4 @@
-"""rugpt's own batch-1 fp32 decode step (native_step.c), compiled on first use with the machine's C compiler.
+"""rugpt's own decode step (native_step.c) for the fast engine, compiled on first use with the machine's C compiler.
 
 Why compile here rather than ship a binary: `-march=native` gives the widest vectors this CPU has
 (AVX-512, AVX2, NEON) from one portable source, and the build takes under a second. The library
@@ -19,18 +19,22 @@ import os
 import platform
 import shutil
 import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Protocol
 
 import torch
 
 from rugpt.atomic import atomic_write_dir
 from rugpt.cache import cache_dir
+from rugpt.engines.linear import PackedLinear, pack_linear
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("native_step.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-PER_LAYER = ("ln1_w", "ln1_b", "qkv_w", "qkv_b", "proj_w", "proj_b", "ln2_w", "ln2_b", "fc_w", "fc_b",
-             "out_w", "out_b")  # the order native_step.c indexes them in
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-Wno-psabi"]
+WEIGHT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # native_step.c's enum
 _P = ctypes.POINTER(ctypes.c_float)
 
 
@@ -38,43 +42,91 @@ class NativeUnavailable(RuntimeError):
     """The native step cannot be built or loaded here; the message says why."""
 
 
+class LayerWeights(Protocol):
+    """One GPT-2 block as the fast engine holds it."""
+
+    ln1: tuple[torch.Tensor, torch.Tensor]
+    qkv: PackedLinear
+    proj: PackedLinear
+    ln2: tuple[torch.Tensor, torch.Tensor]
+    fc: PackedLinear
+    out: PackedLinear
+
+
+@dataclass(frozen=True)
+class Kernel:
+    step: Callable
+    # the weight formats it reads: int8 only where the CPU has VNNI; fp16 never (fbgemm's fp16 kernel reads it
+    # faster than widening it here did: 8.8 vs 12-13 ms a step at batch 1)
+    formats: tuple[str, ...]
+
+
 class _Model(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_int) for name in ("n_layer", "d", "n_head", "d_ff", "vocab", "ctx")] + [
+    _fields_ = [(name, ctypes.c_int) for name in ("n_layer", "d", "n_head", "d_ff", "vocab", "ctx", "wtype")] + [
         ("eps", ctypes.c_float),
-        *((name, _P) for name in ("wte", "wpe", "lnf_w", "lnf_b")),
+        *((name, _P) for name in ("wte", "wpe", "lnf_w", "lnf_b", "lm_w", "lm_s", "lm_z")),
         ("layer", ctypes.POINTER(_P)),
         ("k_cache", ctypes.POINTER(_P)),
         ("v_cache", ctypes.POINTER(_P)),
-        *((name, _P) for name in ("h", "a", "qkv", "att", "f", "scores")),
+        *((name, _P) for name in ("h", "a", "qkv", "att", "f", "scores", "xq", "xs")),
     ]
 
 
 class NativeStep:
-    """Decode steps of one GPT-2 (tanh GELU, fp32, CPU) over the fast engine's KV cache, up to `max_rows` rows.
+    """Decode steps of one GPT-2 (tanh GELU, CPU) over the fast engine's fp32 KV cache, up to its rows at a time.
 
-    `layers` holds, per layer, the tensors named in PER_LAYER: weights [out, in] contiguous (the fast
-    engine's fp32 layout), biases and layer-norm parameters. Caches are [rows, heads, ctx, head_dim].
+    Linear weights are [out, in] in one of the kernel's formats (int8 with per-row scales, multiplied by
+    activations quantized per row); embeddings, layer norms, biases and the cache are fp32. Caches are
+    [rows, heads, ctx, head_dim].
     """
 
-    def __init__(self, kernel, *, wte: torch.Tensor, wpe: torch.Tensor, ln_f: tuple[torch.Tensor, torch.Tensor],
-                 layers: list[dict[str, torch.Tensor]], k_cache: list[torch.Tensor], v_cache: list[torch.Tensor],
-                 n_head: int, eps: float):
-        self._kernel = kernel
-        tensors = [wte, wpe, *ln_f, *(layer[name] for layer in layers for name in PER_LAYER), *k_cache, *v_cache]
-        for tensor in tensors:
-            if tensor.dtype != torch.float32 or tensor.device.type != "cpu" or not tensor.is_contiguous():
-                raise ValueError("the native step needs contiguous fp32 CPU tensors")
+    def __init__(self, kernel: Kernel, *, wte: torch.Tensor, wpe: torch.Tensor,
+                 ln_f: tuple[torch.Tensor, torch.Tensor], lm_head: PackedLinear, layers: list[LayerWeights],
+                 k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], n_head: int, eps: float):
+        self._kernel = kernel.step
+        linears = [lm_head, *(linear for layer in layers for linear in (layer.qkv, layer.proj, layer.fc, layer.out))]
+        dtype = lm_head.weight.dtype
+        if dtype not in WEIGHT_TYPES or any(linear.weight.dtype != dtype for linear in linears):
+            raise ValueError(f"the native step reads one weight type of {list(WEIGHT_TYPES)}")
+        self._keep: list[torch.Tensor] = []  # the struct holds raw pointers: keep what they point into alive
+        norms = [t for layer in layers for t in (*layer.ln1, *layer.ln2)]
+        for tensor in (wte, wpe, *ln_f, *norms, *k_cache, *v_cache):
+            self._hold(tensor, torch.float32)
+        per_layer = [
+            tensor
+            for layer in layers
+            for tensor in (*layer.ln1, *self._linear(layer.qkv), *self._linear(layer.proj), *layer.ln2,
+                           *self._linear(layer.fc), *self._linear(layer.out))
+        ]
+        lm_w, lm_s, lm_z, _ = self._linear(lm_head)
         vocab, d = wte.shape
-        d_ff = layers[0]["fc_w"].shape[0]
         self.max_rows, _, ctx, _ = k_cache[0].shape
+        d_ff = layers[0].fc.weight.shape[0]
         per_row = (("h", d), ("a", d), ("qkv", 3 * d), ("att", d), ("f", d_ff), ("scores", n_head * ctx))
-        self._scratch = {name: torch.zeros(self.max_rows, size) for name, size in per_row}
-        self._keep = tensors  # the struct holds raw pointers: keep what they point into alive
-        self._layer = _pointers(layer[name] for layer in layers for name in PER_LAYER)
+        scratch = [torch.zeros(self.max_rows, size) for _, size in per_row]
+        scratch += [torch.zeros(self.max_rows, max(d, d_ff), dtype=torch.uint8), torch.zeros(self.max_rows)]
+        self._keep += scratch
+        self._layer = _pointers(per_layer)
         self._k, self._v = _pointers(k_cache), _pointers(v_cache)
-        self._model = _Model(len(layers), d, n_head, d_ff, vocab, ctx, eps, *(_ptr(t) for t in (wte, wpe, *ln_f)),
-                             self._layer, self._k, self._v, *(_ptr(t) for t in self._scratch.values()))
+        self._model = _Model(len(layers), d, n_head, d_ff, vocab, ctx, WEIGHT_TYPES[dtype], eps,
+                             *(_ptr(t) for t in (wte, wpe, *ln_f, lm_w, lm_s, lm_z)), self._layer, self._k, self._v,
+                             *(_ptr(t) for t in scratch))
         self.vocab = vocab
+
+    def _linear(self, linear: PackedLinear) -> tuple:
+        """weight, scale, row sums, bias, in native_step.c's order; scale and row sums for int8 only."""
+        bias = linear.bias.float().contiguous() if linear.bias is not None else None
+        row_sums = linear.weight.sum(1, dtype=torch.int32) if linear.weight.dtype == torch.int8 else None
+        self._hold(linear.weight, linear.weight.dtype)
+        for tensor, dtype in ((linear.scale, torch.float32), (row_sums, torch.int32), (bias, torch.float32)):
+            if tensor is not None:
+                self._hold(tensor, dtype)
+        return linear.weight, linear.scale, row_sums, bias
+
+    def _hold(self, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+        if tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.dtype != dtype:
+            raise ValueError("the native step needs contiguous CPU tensors, fp32 apart from the linear weights")
+        self._keep.append(tensor)
 
     def __call__(self, slots: list[int], positions: list[int], tokens: list[int]) -> torch.Tensor:
         """Logits [n, vocab] for tokens[r] at positions[r] of the row in cache slot slots[r]; writes their K and V."""
@@ -88,8 +140,8 @@ class NativeStep:
         return logits
 
 
-def _ptr(tensor: torch.Tensor):
-    return ctypes.cast(tensor.data_ptr(), _P)
+def _ptr(tensor: torch.Tensor | None):
+    return ctypes.cast(tensor.data_ptr(), _P) if tensor is not None else _P()
 
 
 def _pointers(tensors) -> ctypes.Array:
@@ -98,7 +150,7 @@ def _pointers(tensors) -> ctypes.Array:
 
 
 @functools.cache
-def step_kernel():
+def step_kernel() -> Kernel | None:
     """The compiled `rugpt_step`, or None (logged once) when it cannot be built or fails its check."""
     try:
         kernel = _load()
@@ -109,18 +161,20 @@ def step_kernel():
         return None
 
 
-def _load():
+def _load() -> Kernel:
     if os.environ.get("RUGPT_NATIVE", "1") == "0":
         raise NativeUnavailable("RUGPT_NATIVE=0")
-    kernel = ctypes.CDLL(str(_built())).rugpt_step
+    library = ctypes.CDLL(str(_built()))
+    step = library.rugpt_step
     ints = ctypes.POINTER(ctypes.c_int)
-    kernel.argtypes = [ctypes.c_void_p, ctypes.c_int, ints, ints, ints, _P, ctypes.c_int]
-    kernel.restype = None
-    return kernel
+    step.argtypes = [ctypes.c_void_p, ctypes.c_int, ints, ints, ints, _P, ctypes.c_int]
+    step.restype = None
+    return Kernel(step, ("fp32", "bf16", "int8") if library.rugpt_has_vnni() else ("fp32", "bf16"))
 
 
-def _check(kernel) -> None:
-    """A miscompiled or misloaded kernel must never give wrong answers: compare with transformers on a tiny GPT-2."""
+def _check(kernel: Kernel) -> None:
+    """A miscompiled or misloaded kernel must never give wrong answers: compare with transformers on a tiny GPT-2,
+    two rows of different lengths stepped alone and together."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(vocab_size=61, n_positions=16, n_embd=40, n_layer=2, n_head=4, bos_token_id=0,
@@ -128,11 +182,11 @@ def _check(kernel) -> None:
     with torch.random.fork_rng():  # the caller's random state (a user's seed) stays as it was
         torch.manual_seed(0)
         model = GPT2LMHeadModel(config).eval()
-    tokens = [[3, 17, 42, 5], [8, 1, 60, 33, 2, 9]]  # two rows of different lengths, stepped together
+    tokens = [[3, 17, 42, 5], [8, 1, 60, 33, 2, 9]]
     heads, head_dim = config.n_head, config.n_embd // config.n_head
     k_cache = [torch.zeros(2, heads, config.n_positions, head_dim) for _ in range(config.n_layer)]
     v_cache = [torch.zeros_like(k) for k in k_cache]
-    step = NativeStep(kernel, **gpt2_tensors(model), k_cache=k_cache, v_cache=v_cache, n_head=heads,
+    step = NativeStep(kernel, **_fp32_weights(model), k_cache=k_cache, v_cache=v_cache, n_head=heads,
                       eps=config.layer_norm_epsilon)
     with torch.inference_mode():
         expected = [model(torch.tensor([row])).logits[0] for row in tokens]
@@ -146,23 +200,21 @@ def _check(kernel) -> None:
         raise NativeUnavailable(f"the built step disagrees with transformers (max abs error {error:g})")
 
 
-def gpt2_tensors(model) -> dict:
-    """wte, wpe, ln_f and per-layer tensors of a transformers GPT-2, weights as contiguous [out, in]
-    (the fast engine re-lays its fp32 weights out that way in place, so there this copies nothing)."""
+def _fp32_weights(model) -> dict:
     transformer = model.transformer
 
-    def out_in(conv) -> torch.Tensor:
-        return conv.weight.detach().t().contiguous()
+    def linear(conv) -> PackedLinear:
+        return pack_linear(conv.weight.detach().t().contiguous(), conv.bias, "fp32", plain=True)
 
-    layers = [
-        dict(ln1_w=b.ln_1.weight, ln1_b=b.ln_1.bias, qkv_w=out_in(b.attn.c_attn), qkv_b=b.attn.c_attn.bias,
-             proj_w=out_in(b.attn.c_proj), proj_b=b.attn.c_proj.bias, ln2_w=b.ln_2.weight, ln2_b=b.ln_2.bias,
-             fc_w=out_in(b.mlp.c_fc), fc_b=b.mlp.c_fc.bias, out_w=out_in(b.mlp.c_proj), out_b=b.mlp.c_proj.bias)
-        for b in transformer.h
-    ]
-    return dict(wte=transformer.wte.weight.detach(), wpe=transformer.wpe.weight.detach(),
-                ln_f=(transformer.ln_f.weight.detach(), transformer.ln_f.bias.detach()),
-                layers=[{name: t.detach() for name, t in layer.items()} for layer in layers])
+    def norm(ln) -> tuple[torch.Tensor, torch.Tensor]:
+        return ln.weight.detach(), ln.bias.detach()
+
+    layers = [SimpleNamespace(ln1=norm(b.ln_1), qkv=linear(b.attn.c_attn), proj=linear(b.attn.c_proj),
+                              ln2=norm(b.ln_2), fc=linear(b.mlp.c_fc), out=linear(b.mlp.c_proj))
+              for b in transformer.h]
+    wte = transformer.wte.weight.detach()
+    return dict(wte=wte, wpe=transformer.wpe.weight.detach(), ln_f=norm(transformer.ln_f),
+                lm_head=pack_linear(wte, None, "fp32", plain=True), layers=layers)
 
 
 def _compiler() -> str:
