@@ -6,9 +6,11 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from _engine_helpers import prompt_ids, run_tokens
 
 from rugpt.engines import create_engine, native
+from rugpt.engines.linear import pack_linear
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
 
@@ -32,14 +34,22 @@ def _int8_as_the_kernel_computes(linear):
     return forward
 
 
+def _bf16_as_the_kernel_computes(linear):
+    """bf16 weights widened to fp32, fp32 activations (oneDNN's bf16 path rounds the activations too)."""
+    bias = linear.bias.float() if linear.bias is not None else None
+    return lambda x: F.linear(x, linear.weight.float(), bias)
+
+
 def _step_like_the_kernel(engine) -> None:
-    """From now on the torch side's int8 products quantize their inputs as the kernel's steps do (prefills,
-    in both, widen the weights to fp32 instead)."""
-    if engine.weights.value == "int8":
-        for layer in engine.layers:
-            for linear in (layer.qkv, layer.proj, layer.fc, layer.out):
-                linear.forward = _int8_as_the_kernel_computes(linear)
-        engine.lm_head.forward = _int8_as_the_kernel_computes(replace(engine.lm_head, bias=0))
+    """From now on the torch side's products compute what the kernel's steps do (prefills stay the same
+    torch ops in both engines)."""
+    compute = {"int8": _int8_as_the_kernel_computes, "bf16": _bf16_as_the_kernel_computes}.get(engine.weights.value)
+    if compute is None:
+        return
+    for layer in engine.layers:
+        for linear in (layer.qkv, layer.proj, layer.fc, layer.out):
+            linear.forward = compute(linear)
+    engine.lm_head.forward = compute(replace(engine.lm_head, bias=torch.zeros(engine.vocab_size)))
 
 
 def _pair(tiny, engine: str, max_rows: int = 16):
@@ -140,3 +150,15 @@ def test_two_threads_give_the_one_thread_answer(tiny):
     finally:
         torch.set_num_threads(threads)
     torch.testing.assert_close(two, one, atol=1e-5, rtol=0)
+
+
+@needs_compiler
+def test_int8_products_of_any_shape_quantize_each_input_row():
+    kernel = native.step_kernel()
+    if "int8" not in kernel.formats:
+        pytest.skip("this CPU has no VNNI")
+    gen = torch.Generator().manual_seed(3)
+    weight, bias = torch.randn(37, 83, generator=gen), torch.randn(37, generator=gen)  # no multiple of 8 or 64
+    packed = native.int8_prefill(kernel, pack_linear(weight, bias, "int8", plain=True))
+    x = torch.randn(5, 83, generator=gen) * torch.tensor([[1.0], [10.0], [0.1], [3.0], [0.0]])
+    torch.testing.assert_close(packed(x), _int8_as_the_kernel_computes(packed)(x), atol=1e-4, rtol=1e-5)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from rugpt.engines.base import DecodeEngine
 from rugpt.engines.linear import PackedLinear, pack_linear
 from rugpt.engines.memory import release_file_pages
-from rugpt.engines.native import Kernel, NativeStep, step_kernel
+from rugpt.engines.native import Kernel, NativeStep, int8_prefill, step_kernel
 from rugpt.errors import UsageError
 
 
@@ -58,7 +58,14 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
-def _pack_conv1d(conv, fmt: str, plain: bool) -> PackedLinear:
+def _pack(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, kernel: Kernel | None) -> PackedLinear:
+    """Where the compiled step runs, it reads the weights itself: int8 stays one plain tensor, whose prefill
+    products the kernel computes too (engines/native.py)."""
+    packed = pack_linear(weight, bias, fmt, plain=kernel is not None)
+    return int8_prefill(kernel, packed) if kernel is not None and fmt == WeightFormat.int8.value else packed
+
+
+def _pack_conv1d(conv, fmt: str, kernel: Kernel | None) -> PackedLinear:
     """Pack a GPT-2 Conv1D (weight stored [in, out]) for kernels that read [out, in].
 
     For fp32 the module's own weight is re-laid out in place as [out, in] memory (the module keeps a
@@ -70,10 +77,10 @@ def _pack_conv1d(conv, fmt: str, plain: bool) -> PackedLinear:
     out_in = old.t()
     if fmt == WeightFormat.fp32.value:
         if out_in.is_contiguous():  # laid out by an earlier engine: already shared
-            return pack_linear(out_in, conv.bias, fmt, plain)
+            return _pack(out_in, conv.bias, fmt, kernel)
         out_in = out_in.contiguous()
         conv.weight.data = out_in.t()
-    packed = pack_linear(out_in, conv.bias, fmt, plain)
+    packed = _pack(out_in, conv.bias, fmt, kernel)
     release_file_pages(old)  # no longer read by the engine (the transformers path would read it back from disk)
     return packed
 
@@ -110,19 +117,18 @@ class FastEngine(DecodeEngine):
         self.ln_f = (transformer.ln_f.weight.detach(), transformer.ln_f.bias.detach())
         fmt = self.weights.value
         kernel = self._native_kernel(config.activation_function)
-        plain = kernel is not None  # the compiled step reads the weights itself: no fbgemm copies
         self.layers = [
             _Layer(
                 ln1=(block.ln_1.weight.detach(), block.ln_1.bias.detach()),
-                qkv=_pack_conv1d(block.attn.c_attn, fmt, plain),
-                proj=_pack_conv1d(block.attn.c_proj, fmt, plain),
+                qkv=_pack_conv1d(block.attn.c_attn, fmt, kernel),
+                proj=_pack_conv1d(block.attn.c_proj, fmt, kernel),
                 ln2=(block.ln_2.weight.detach(), block.ln_2.bias.detach()),
-                fc=_pack_conv1d(block.mlp.c_fc, fmt, plain),
-                out=_pack_conv1d(block.mlp.c_proj, fmt, plain),
+                fc=_pack_conv1d(block.mlp.c_fc, fmt, kernel),
+                out=_pack_conv1d(block.mlp.c_proj, fmt, kernel),
             )
             for block in transformer.h
         ]
-        self.lm_head = pack_linear(self.wte, None, fmt, plain)
+        self.lm_head = _pack(self.wte, None, fmt, kernel)
         if self.weights != WeightFormat.fp32:
             release_file_pages(self.wte)  # token lookups read back only the rows they need
         shape = (max_rows, self.n_head, context_length, self.head_dim)

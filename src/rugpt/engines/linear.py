@@ -7,9 +7,9 @@ matrix-vector product runs on one core and reads about half as fast); fp16 and i
 fbgemm's prepacked dynamic linear, with fp32 activations in and out. Where those kernels are missing
 (a GPU, a non-x86 CPU) fp32/bf16/fp16 run on F.linear and int8 on aten's weight-only int8 matmul.
 
-When rugpt's compiled decode step (engines/native.py) does the steps, it reads the weights itself:
-`pack_linear(..., plain=True)` then keeps bf16 and int8 as plain tensors (no fbgemm
-copy) and the torch side, which then only runs prefills, widens them to fp32 per call.
+When rugpt's compiled decode step (engines/native.py) does the steps, it reads `.weight` itself; with
+`pack_linear(..., plain=True)` int8 weights then stay one plain tensor, which the torch side (only
+prefills then) multiplies through aten's weight-only int8 matmul rather than a second, fbgemm copy.
 """
 
 from __future__ import annotations
@@ -47,14 +47,12 @@ class PackedLinear:
 def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, plain: bool = False) -> PackedLinear:
     """Pack a weight laid out [out, in]. fp32 keeps the tensor itself (no copy) when it is contiguous.
 
-    `plain`: store every format as a plain tensor in `.weight` (see the module's docstring)."""
+    `plain`: int8 as a plain tensor in `.weight`, not fbgemm's packed copy (see the module's docstring)."""
     weight = weight.detach()
     bias = bias.detach() if bias is not None else None
     if fmt not in FORMATS:
         raise UsageError(f"weight format {fmt!r} is unknown; use one of {', '.join(FORMATS)}")
     on_cpu = weight.device.type == "cpu"
-    if plain and fmt != "fp32":
-        return _widening(weight, bias, fmt)
     if fmt in ("fp32", "bf16"):
         dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
         w, b = weight.to(dtype).contiguous(), _cast(bias, dtype)
@@ -64,7 +62,7 @@ def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, plain
     if fmt == "fp16":
         return _fp16_fbgemm(weight, bias) if fbgemm else _plain(weight.to(torch.float16).contiguous(),
                                                                _cast(bias, torch.float16))
-    return _int8_fbgemm(weight, bias) if fbgemm else _int8_packed_mm(weight, bias)
+    return _int8_fbgemm(weight, bias) if fbgemm and not plain else _int8_packed_mm(weight, bias)
 
 
 def _cast(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -89,21 +87,6 @@ def _onednn(weight: torch.Tensor, bias: torch.Tensor | None) -> PackedLinear:
         return linear(x.to(weight.dtype), weight, bias, "none", [], "").float()
 
     return PackedLinear(forward, weight.numel() * weight.element_size(), weight, None, bias)
-
-
-def _widening(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str) -> PackedLinear:
-    """bf16 or int8 (per-row scales) kept as plain tensors, widened to fp32 for each call."""
-    if fmt not in ("bf16", "int8"):
-        raise UsageError(f"plain packing takes bf16 or int8 weights, not {fmt!r}")
-    bias = _cast(bias, torch.float32)
-    stored, scale = quantize_int8(weight) if fmt == "int8" else (weight.to(torch.bfloat16).contiguous(), None)
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        wide = stored.float() if scale is None else stored.float() * scale[:, None]
-        return F.linear(x.float(), wide, bias)
-
-    nbytes = stored.numel() * stored.element_size() + (scale.numel() * 4 if scale is not None else 0)
-    return PackedLinear(forward, nbytes, stored, scale, bias)
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

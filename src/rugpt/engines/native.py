@@ -20,7 +20,7 @@ import platform
 import shutil
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Protocol
@@ -56,6 +56,7 @@ class LayerWeights(Protocol):
 @dataclass(frozen=True)
 class Kernel:
     step: Callable
+    linear: Callable
     # the weight formats it reads: int8 only where the CPU has VNNI; fp16 never (fbgemm's fp16 kernel reads it
     # faster than widening it here did: 8.8 vs 12-13 ms a step at batch 1)
     formats: tuple[str, ...]
@@ -116,7 +117,7 @@ class NativeStep:
     def _linear(self, linear: PackedLinear) -> tuple:
         """weight, scale, row sums, bias, in native_step.c's order; scale and row sums for int8 only."""
         bias = linear.bias.float().contiguous() if linear.bias is not None else None
-        row_sums = linear.weight.sum(1, dtype=torch.int32) if linear.weight.dtype == torch.int8 else None
+        row_sums = _row_sums(linear.weight)
         self._hold(linear.weight, linear.weight.dtype)
         for tensor, dtype in ((linear.scale, torch.float32), (row_sums, torch.int32), (bias, torch.float32)):
             if tensor is not None:
@@ -138,6 +139,30 @@ class NativeStep:
         self._kernel(ctypes.byref(self._model), n, ints(*slots), ints(*positions), ints(*tokens), _ptr(logits),
                      torch.get_num_threads())
         return logits
+
+
+def _row_sums(weight: torch.Tensor) -> torch.Tensor | None:
+    """Per-row sums of int8 weights: the kernel's inputs are stored +128, which adds 128 * sum to each product."""
+    return weight.sum(1, dtype=torch.int32) if weight.dtype == torch.int8 else None
+
+
+def int8_prefill(kernel: Kernel, packed: PackedLinear) -> PackedLinear:
+    """`packed` (plain int8) with its products, prefills included, computed by the kernel: aten's weight-only
+    int8 matmul takes seconds for a 64-token prefill, and fbgemm would need a second copy of the weights."""
+    weight, scale, bias, row_sums = packed.weight, packed.scale, packed.bias, _row_sums(packed.weight)
+    out, n_in = weight.shape
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        x = x.float().contiguous()
+        n = x.shape[0]
+        y = torch.empty(n, out)
+        scratch = torch.empty(n, n_in, dtype=torch.uint8)
+        scales = torch.empty(n)
+        kernel.linear(_ptr(x), _ptr(weight), _ptr(scale), _ptr(row_sums), _ptr(bias), WEIGHT_TYPES[torch.int8],
+                      _ptr(y), n, n_in, out, _ptr(scratch), _ptr(scales), torch.get_num_threads())
+        return y
+
+    return replace(packed, forward=forward)
 
 
 def _ptr(tensor: torch.Tensor | None):
@@ -169,7 +194,10 @@ def _load() -> Kernel:
     ints = ctypes.POINTER(ctypes.c_int)
     step.argtypes = [ctypes.c_void_p, ctypes.c_int, ints, ints, ints, _P, ctypes.c_int]
     step.restype = None
-    return Kernel(step, ("fp32", "bf16", "int8") if library.rugpt_has_vnni() else ("fp32", "bf16"))
+    linear = library.rugpt_linear
+    linear.argtypes = [_P] * 5 + [ctypes.c_int, _P] + [ctypes.c_int] * 3 + [_P, _P, ctypes.c_int]
+    linear.restype = None
+    return Kernel(step, linear, ("fp32", "bf16", "int8") if library.rugpt_has_vnni() else ("fp32", "bf16"))
 
 
 def _check(kernel: Kernel) -> None:

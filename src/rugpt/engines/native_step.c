@@ -254,13 +254,13 @@ static void quantize(const float *x, int in, unsigned char *q, float *scale) {
 
 /* this thread's share of y = x W^T + b (x [n, in], y [n, out]); every thread of the team calls it, and
  * the caller puts a barrier after it */
-static void product(const Model *m, const float *x, Weight W, const float *b, float *y, int n, int in, int out,
-                    int mode) {
+static void product(const float *x, Weight W, const float *b, float *y, int n, int in, int out, int mode,
+                    unsigned char *xq, float *xs) {
     Input input = {x, NULL, NULL};
-    if (W.type == I8) {
+    if (W.type == I8) { /* xq [n, in], xs [n]: scratch for the quantized input */
 #pragma omp for schedule(static)
-        for (int r = 0; r < n; r++) quantize(x + (size_t)r * in, in, m->xq + (size_t)r * in, m->xs + r);
-        input = (Input){x, m->xq, m->xs};
+        for (int r = 0; r < n; r++) quantize(x + (size_t)r * in, in, xq + (size_t)r * in, xs + r);
+        input = (Input){x, xq, xs};
     }
 #ifdef _OPENMP
     int team = omp_get_num_threads(), id = omp_get_thread_num();
@@ -329,24 +329,32 @@ void rugpt_step(const Model *m, int n, const int *slots, const int *positions, c
 #pragma omp for schedule(static)
             for (int r = 0; r < n; r++)
                 layer_norm(m->h + (size_t)r * d, w[LN1_W], w[LN1_B], m->a + (size_t)r * d, d, m->eps);
-            product(m, m->a, weight(m, w, QKV_W), w[QKV_B], m->qkv, n, d, 3 * d, STORE);
+            product(m->a, weight(m, w, QKV_W), w[QKV_B], m->qkv, n, d, 3 * d, STORE, m->xq, m->xs);
 #pragma omp barrier
 #pragma omp for schedule(static) collapse(2)
             for (int r = 0; r < n; r++)
                 for (int head = 0; head < m->n_head; head++) attend(m, l, r, head, slots[r], positions[r]);
-            product(m, m->att, weight(m, w, PROJ_W), w[PROJ_B], m->h, n, d, d, ADD);
+            product(m->att, weight(m, w, PROJ_W), w[PROJ_B], m->h, n, d, d, ADD, m->xq, m->xs);
 #pragma omp barrier
 #pragma omp for schedule(static)
             for (int r = 0; r < n; r++)
                 layer_norm(m->h + (size_t)r * d, w[LN2_W], w[LN2_B], m->a + (size_t)r * d, d, m->eps);
-            product(m, m->a, weight(m, w, FC_W), w[FC_B], m->f, n, d, m->d_ff, GELU);
+            product(m->a, weight(m, w, FC_W), w[FC_B], m->f, n, d, m->d_ff, GELU, m->xq, m->xs);
 #pragma omp barrier
-            product(m, m->f, weight(m, w, OUT_W), w[OUT_B], m->h, n, m->d_ff, d, ADD);
+            product(m->f, weight(m, w, OUT_W), w[OUT_B], m->h, n, m->d_ff, d, ADD, m->xq, m->xs);
 #pragma omp barrier
         }
 #pragma omp for schedule(static)
         for (int r = 0; r < n; r++)
             layer_norm(m->h + (size_t)r * d, m->lnf_w, m->lnf_b, m->a + (size_t)r * d, d, m->eps);
-        product(m, m->a, (Weight){m->lm_w, m->lm_s, m->lm_z, m->wtype}, NULL, logits, n, d, m->vocab, STORE);
+        product(m->a, (Weight){m->lm_w, m->lm_s, m->lm_z, m->wtype}, NULL, logits, n, d, m->vocab, STORE, m->xq, m->xs);
     }
+}
+
+/* y [n, out] = x [n, in] W^T + b on its own: the fast engine's prefill products for int8 weights, which
+ * otherwise would need a second (fbgemm) copy of them; xq [n, in] and xs [n] are scratch */
+void rugpt_linear(const float *x, const void *w, const float *s, const int *z, const float *b, int wtype, float *y,
+                  int n, int in, int out, unsigned char *xq, float *xs, int threads) {
+#pragma omp parallel num_threads(threads)
+    product(x, (Weight){w, s, z, wtype}, b, y, n, in, out, STORE, xq, xs);
 }
