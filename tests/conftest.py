@@ -19,13 +19,13 @@ from rugpt.models import BUNDLED_DIR  # noqa: E402
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def build_tiny_model(folder: Path, n_positions: int = 128, seed: int = 0) -> Path:
-    """A 2-layer, width-32 GPT-2 with the bundled tokenizer, saved as safetensors in `folder`."""
+def build_tiny_model(folder: Path, n_positions: int = 128, seed: int = 0, n_embd: int = 32) -> Path:
+    """A 2-layer GPT-2 (width 32 unless told) with the bundled tokenizer, saved as safetensors in `folder`."""
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
     tokenizer = AutoTokenizer.from_pretrained(BUNDLED_DIR)
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=32, n_layer=2, n_head=2,
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd, n_layer=2, n_head=2,
                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
     model = GPT2LMHeadModel(config)
     # Random init at std 0.02 makes nearly flat distributions; widen it so greedy paths are well separated.

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from _engine_helpers import prompt_ids, run_tokens
 
 from rugpt.engines import create_engine, native
-from rugpt.engines.linear import pack_linear
+from rugpt.engines.linear import pack_linear, quantize_int8
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
 
@@ -24,12 +24,22 @@ def fresh_kernel(tmp_path, monkeypatch):
     native.step_kernel.cache_clear()
 
 
+@pytest.fixture(scope="module")
+def tiny64(tmp_path_factory):
+    """A tiny GPT-2 64 wide: int8 weights reach the kernel in whole 64-byte tiles only."""
+    from conftest import build_tiny_model
+    from rugpt.models import load
+
+    return load(str(build_tiny_model(tmp_path_factory.mktemp("tiny64"), n_embd=64)), device="cpu")
+
+
 def _int8_as_the_kernel_computes(linear):
     """y = (round(x / sx) · q) * sx * s + b with sx = max|x| / 127 per row: int8 activations, as VNNI sees them."""
+    q = native.untile_int8(linear.weight, linear.scale.shape[0]).float()
 
     def forward(x):
         sx = x.abs().amax(1, keepdim=True).clamp(min=1e-30) / 127
-        return (torch.round(x / sx) @ linear.weight.float().T) * sx * linear.scale + linear.bias
+        return (torch.round(x / sx) @ q.T) * sx * linear.scale + linear.bias
 
     return forward
 
@@ -64,7 +74,8 @@ def _pair(tiny, engine: str, max_rows: int = 16):
 
 @needs_compiler
 @pytest.mark.parametrize("engine", ["fast", "fast-bf16", "fast-int8"])
-def test_native_step_equals_the_torch_step_logits_and_cache(tiny, engine):
+def test_native_step_equals_the_torch_step_logits_and_cache(tiny, tiny64, engine):
+    tiny = tiny64 if engine == "fast-int8" else tiny
     ids = prompt_ids(tiny)
     continuation = [5, 17, 240, 3, 99, 1024, 7]
     compiled, by_torch = _pair(tiny, engine)
@@ -80,7 +91,8 @@ def test_native_step_equals_the_torch_step_logits_and_cache(tiny, engine):
 
 @needs_compiler
 @pytest.mark.parametrize("engine", ["fast", "fast-int8"])
-def test_native_batched_ragged_step_equals_the_torch_step(tiny, engine):
+def test_native_batched_ragged_step_equals_the_torch_step(tiny, tiny64, engine):
+    tiny = tiny64 if engine == "fast-int8" else tiny
     texts = ("Буря мглою", "Я помню чудное мгновенье, передо мной", "Ночь")
     engines = _pair(tiny, engine, max_rows=4)
     logits = []
@@ -131,6 +143,11 @@ def test_without_a_working_compiler_the_engine_steps_with_torch(tiny, fresh_kern
     torch.testing.assert_close(run_tokens(engine, ids, [5, 6]), reference, atol=1e-4, rtol=0)
 
 
+def test_int8_layers_not_in_whole_tiles_stay_on_torch(tiny):
+    assert tiny.model.config.n_embd % 64
+    assert create_engine(tiny, "fast-int8").native is None
+
+
 def test_other_activations_do_not_use_it(tiny):
     tiny.model.config.activation_function = "relu"
     try:
@@ -153,12 +170,13 @@ def test_two_threads_give_the_one_thread_answer(tiny):
 
 
 @needs_compiler
-def test_int8_products_of_any_shape_quantize_each_input_row():
+def test_int8_products_quantize_each_input_row():
     kernel = native.step_kernel()
     if "int8" not in kernel.formats:
         pytest.skip("this CPU has no VNNI")
     gen = torch.Generator().manual_seed(3)
-    weight, bias = torch.randn(37, 83, generator=gen), torch.randn(37, generator=gen)  # no multiple of 8 or 64
+    weight, bias = torch.randn(37, 128, generator=gen), torch.randn(37, generator=gen)  # rows: no multiple of 8
     packed = native.int8_prefill(kernel, pack_linear(weight, bias, "int8", plain=True))
-    x = torch.randn(5, 83, generator=gen) * torch.tensor([[1.0], [10.0], [0.1], [3.0], [0.0]])
+    assert torch.equal(native.untile_int8(packed.weight, 37), quantize_int8(weight)[0])
+    x = torch.randn(5, 128, generator=gen) * torch.tensor([[1.0], [10.0], [0.1], [3.0], [0.0]])
     torch.testing.assert_close(packed(x), _int8_as_the_kernel_computes(packed)(x), atol=1e-4, rtol=1e-5)

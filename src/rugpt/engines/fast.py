@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from rugpt.engines.base import DecodeEngine
 from rugpt.engines.linear import PackedLinear, pack_linear
 from rugpt.engines.memory import release_file_pages
-from rugpt.engines.native import Kernel, NativeStep, int8_prefill, step_kernel
+from rugpt.engines.native import TILE_COLUMNS, Kernel, NativeStep, int8_prefill, step_kernel
 from rugpt.errors import UsageError
 
 
@@ -116,7 +116,7 @@ class FastEngine(DecodeEngine):
         self.wpe = transformer.wpe.weight.detach()
         self.ln_f = (transformer.ln_f.weight.detach(), transformer.ln_f.bias.detach())
         fmt = self.weights.value
-        kernel = self._native_kernel(config.activation_function)
+        kernel = self._native_kernel(config)
         self.layers = [
             _Layer(
                 ln1=(block.ln_1.weight.detach(), block.ln_1.bias.detach()),
@@ -143,11 +143,14 @@ class FastEngine(DecodeEngine):
         # Positions [0, written[slot]) of a slot hold finite numbers; beyond is torch.empty memory, maybe NaN.
         self.written = [0] * max_rows
 
-    def _native_kernel(self, activation: str) -> Kernel | None:
+    def _native_kernel(self, config) -> Kernel | None:
         """rugpt's compiled step (engines/native.py) where it applies: fp32 model on the CPU, tanh GELU, a weight
-        format the build reads; else None, and steps run as torch ops."""
-        tanh_gelu = activation in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+        format the build reads (int8: layer widths in whole 64-byte tiles); else None, and steps run as torch ops."""
+        tanh_gelu = config.activation_function in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
         if self.wte.device.type != "cpu" or self.wte.dtype != torch.float32 or not tanh_gelu:
+            return None
+        widths = (config.n_embd, config.n_inner or 4 * config.n_embd)
+        if self.weights == WeightFormat.int8 and any(width % TILE_COLUMNS for width in widths):
             return None
         kernel = step_kernel()
         return kernel if kernel is not None and self.weights.value in kernel.formats else None

@@ -30,8 +30,9 @@ FORMATS = ("fp32", "bf16", "fp16", "int8")
 class PackedLinear:
     """y = x @ W.T + b for x [n, in] in fp32, whatever the stored format; returns fp32 [n, out].
 
-    `weight` ([out, in]), `scale` (per output row, int8 only) and `bias` are the stored tensors where
-    other code may read them (None where only fbgemm's packed copy exists).
+    `weight` ([out, in], or the native kernel's int8 tiles), `scale` (per output row, int8 only), `bias` and
+    `row_sums` (int8 for the native kernel) are the stored tensors where other code may read them (None
+    where only fbgemm's packed copy exists).
     """
 
     forward: Callable[[torch.Tensor], torch.Tensor]
@@ -39,6 +40,7 @@ class PackedLinear:
     weight: torch.Tensor | None = None
     scale: torch.Tensor | None = None
     bias: torch.Tensor | None = None
+    row_sums: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(x)

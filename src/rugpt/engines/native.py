@@ -102,7 +102,7 @@ class NativeStep:
         lm_w, lm_s, lm_z, _ = self._linear(lm_head)
         vocab, d = wte.shape
         self.max_rows, _, ctx, _ = k_cache[0].shape
-        d_ff = layers[0].fc.weight.shape[0]
+        d_ff = layers[0].fc.bias.shape[0]
         per_row = (("h", d), ("a", d), ("qkv", 3 * d), ("att", d), ("f", d_ff), ("scores", n_head * ctx))
         scratch = [torch.zeros(self.max_rows, size) for _, size in per_row]
         scratch += [torch.zeros(self.max_rows, max(d, d_ff), dtype=torch.uint8), torch.zeros(self.max_rows)]
@@ -117,12 +117,13 @@ class NativeStep:
     def _linear(self, linear: PackedLinear) -> tuple:
         """weight, scale, row sums, bias, in native_step.c's order; scale and row sums for int8 only."""
         bias = linear.bias.float().contiguous() if linear.bias is not None else None
-        row_sums = _row_sums(linear.weight)
+        if linear.weight.dtype == torch.int8 and linear.row_sums is None:
+            raise ValueError("int8 weights reach the native step through int8_prefill (its tiles and row sums)")
         self._hold(linear.weight, linear.weight.dtype)
-        for tensor, dtype in ((linear.scale, torch.float32), (row_sums, torch.int32), (bias, torch.float32)):
+        for tensor, dtype in ((linear.scale, torch.float32), (linear.row_sums, torch.int32), (bias, torch.float32)):
             if tensor is not None:
                 self._hold(tensor, dtype)
-        return linear.weight, linear.scale, row_sums, bias
+        return linear.weight, linear.scale, linear.row_sums, bias
 
     def _hold(self, tensor: torch.Tensor, dtype: torch.dtype) -> None:
         if tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.dtype != dtype:
@@ -141,16 +142,18 @@ class NativeStep:
         return logits
 
 
-def _row_sums(weight: torch.Tensor) -> torch.Tensor | None:
-    """Per-row sums of int8 weights: the kernel's inputs are stored +128, which adds 128 * sum to each product."""
-    return weight.sum(1, dtype=torch.int32) if weight.dtype == torch.int8 else None
+TILE_ROWS, TILE_COLUMNS = 8, 64  # native_step.c's int8 tiles
 
 
 def int8_prefill(kernel: Kernel, packed: PackedLinear) -> PackedLinear:
-    """`packed` (plain int8) with its products, prefills included, computed by the kernel: aten's weight-only
-    int8 matmul takes seconds for a 64-token prefill, and fbgemm would need a second copy of the weights."""
-    weight, scale, bias, row_sums = packed.weight, packed.scale, packed.bias, _row_sums(packed.weight)
-    out, n_in = weight.shape
+    """`packed` (plain int8 [out, in], `in` a multiple of 64) re-laid out in the kernel's tiles, its products,
+    prefills included, computed by the kernel: aten's weight-only int8 matmul takes seconds for a 64-token
+    prefill, and fbgemm would need a second copy of the weights."""
+    q, scale, bias = packed.weight, packed.scale, packed.bias
+    out, n_in = q.shape
+    row_sums = q.sum(1, dtype=torch.int32)  # the kernel's inputs are stored +128: that adds 128 * sum per row
+    padded = torch.cat([q, q.new_zeros(-out % TILE_ROWS, n_in)])
+    tiles = padded.view(-1, TILE_ROWS, n_in // TILE_COLUMNS, TILE_COLUMNS).transpose(1, 2).contiguous()
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         x = x.float().contiguous()
@@ -158,11 +161,17 @@ def int8_prefill(kernel: Kernel, packed: PackedLinear) -> PackedLinear:
         y = torch.empty(n, out)
         scratch = torch.empty(n, n_in, dtype=torch.uint8)
         scales = torch.empty(n)
-        kernel.linear(_ptr(x), _ptr(weight), _ptr(scale), _ptr(row_sums), _ptr(bias), WEIGHT_TYPES[torch.int8],
+        kernel.linear(_ptr(x), _ptr(tiles), _ptr(scale), _ptr(row_sums), _ptr(bias), WEIGHT_TYPES[torch.int8],
                       _ptr(y), n, n_in, out, _ptr(scratch), _ptr(scales), torch.get_num_threads())
         return y
 
-    return replace(packed, forward=forward)
+    return replace(packed, forward=forward, weight=tiles, row_sums=row_sums)
+
+
+def untile_int8(tiles: torch.Tensor, out: int) -> torch.Tensor:
+    """The [out, in] int8 weight of `tiles` (int8_prefill's layout)."""
+    blocks, steps, rows, columns = tiles.shape
+    return tiles.transpose(1, 2).reshape(blocks * rows, steps * columns)[:out]
 
 
 def _ptr(tensor: torch.Tensor | None):

@@ -175,31 +175,27 @@ static inline __attribute__((always_inline)) void tile(const float *x, Weight W,
 
 #if HAVE_VNNI
 /* tile() for int8 weights and quantized inputs: 64 products per instruction into int32 lanes. The
- * inputs are stored +128 (VNNI multiplies unsigned by signed bytes), which adds 128 * z to each sum. */
+ * inputs are stored +128 (VNNI multiplies unsigned by signed bytes), which adds 128 * z to each sum.
+ * int8 weights are laid out in tiles, [out / 8][in / 64][8][64] (rows padded with zeros to a multiple
+ * of 8; `in` a multiple of 64), so a tile reads one sequential stream: as 8 separate rows, 768-byte
+ * streams left the hardware prefetcher behind (5.1 vs 3.3 ms for ruGPT-3 small's int8 weights). */
 static inline __attribute__((always_inline)) void tile_q8(const unsigned char *xq, const float *qs, Weight W,
-                                                          const float *b, float *y, int in, int out, int r, int R,
-                                                          int C, int mode) {
+                                                          const float *b, float *y, int in, int out, int r, int C,
+                                                          int mode) {
     __m512i acc[ROWS][COLS];
-    for (int k = 0; k < R; k++)
+    for (int k = 0; k < ROWS; k++)
         for (int c = 0; c < C; c++) acc[k][c] = _mm512_setzero_si512();
-    const signed char *wr = (const signed char *)W.w + (size_t)r * in;
-    int main_in = in - in % QLANES;
-    for (int i = 0; i < main_in; i += QLANES) {
-        __m512i wv[ROWS];
-        for (int k = 0; k < R; k++) {
-            wv[k] = _mm512_loadu_si512(wr + (size_t)k * in + i);
-            /* the next tile's rows: short int8 rows are streams the hardware prefetcher starts late */
-            _mm_prefetch((const char *)(wr + (size_t)(k + R) * in + i), _MM_HINT_T0);
-        }
+    const signed char *tile = (const signed char *)W.w + (size_t)r * in;
+    for (int i = 0; i < in; i += QLANES, tile += ROWS * QLANES) {
         for (int c = 0; c < C; c++) {
             __m512i xv = _mm512_loadu_si512(xq + (size_t)c * in + i);
-            for (int k = 0; k < R; k++) acc[k][c] = _mm512_dpbusd_epi32(acc[k][c], xv, wv[k]);
+            for (int k = 0; k < ROWS; k++)
+                acc[k][c] = _mm512_dpbusd_epi32(acc[k][c], xv, _mm512_load_si512(tile + k * QLANES));
         }
     }
     for (int c = 0; c < C; c++)
-        for (int k = 0; k < R; k++) {
+        for (int k = 0; k < ROWS && r + k < out; k++) {
             int total = _mm512_reduce_add_epi32(acc[k][c]) - 128 * W.z[r + k];
-            for (int i = main_in; i < in; i++) total += (int)xq[(size_t)c * in + i] * wr[(size_t)k * in + i];
             put(y + (size_t)c * out + r + k, (float)total * qs[c] * W.s[r + k] + (b ? b[r + k] : 0.0f), mode);
         }
 }
@@ -209,7 +205,7 @@ static inline __attribute__((always_inline)) void any_tile(Input x, Weight W, co
                                                            int out, int r, int R, int C, int mode, int type) {
 #if HAVE_VNNI
     if (type == I8) {
-        tile_q8(x.q, x.qs, W, b, y, in, out, r, R, C, mode);
+        tile_q8(x.q, x.qs, W, b, y, in, out, r, C, mode);
         return;
     }
 #endif
@@ -267,8 +263,9 @@ static void product(const float *x, Weight W, const float *b, float *y, int n, i
 #else
     int team = 1, id = 0;
 #endif
-    int share = ((out + team - 1) / team + ROWS - 1) / ROWS * ROWS;
-    int r0 = id * share, r1 = r0 + share < out ? r0 + share : out;
+    int rows_out = W.type == I8 ? (out + ROWS - 1) / ROWS * ROWS : out; /* int8: whole (padded) tiles */
+    int share = ((rows_out + team - 1) / team + ROWS - 1) / ROWS * ROWS;
+    int r0 = id * share, r1 = r0 + share < rows_out ? r0 + share : rows_out;
     if (r0 >= r1) return;
     switch (W.type) { /* one specialised copy of the loops per type */
     case I8: rows(input, W, b, y, n, in, out, r0, r1, mode, I8); break;
