@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from rugpt.engines.base import DecodeEngine
 from rugpt.engines.linear import PackedLinear, pack_linear
 from rugpt.engines.memory import release_file_pages
-from rugpt.engines.native import TILE_COLUMNS, Kernel, NativeStep, int8_prefill, step_kernel
+from rugpt.engines.native import TILE_COLUMNS, Kernel, NativeStep, int8_tiled, step_kernel
 from rugpt.errors import UsageError
 
 
@@ -62,7 +62,7 @@ def _pack(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, kernel: Ker
     """Where the compiled step runs, it reads the weights itself: int8 stays one plain tensor, whose prefill
     products the kernel computes too (engines/native.py)."""
     packed = pack_linear(weight, bias, fmt, plain=kernel is not None)
-    return int8_prefill(kernel, packed) if kernel is not None and fmt == WeightFormat.int8.value else packed
+    return int8_tiled(kernel, packed) if kernel is not None and fmt == WeightFormat.int8.value else packed
 
 
 def _pack_conv1d(conv, fmt: str, kernel: Kernel | None) -> PackedLinear:

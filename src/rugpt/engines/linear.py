@@ -8,8 +8,8 @@ fbgemm's prepacked dynamic linear, with fp32 activations in and out. Where those
 (a GPU, a non-x86 CPU) fp32/bf16/fp16 run on F.linear and int8 on aten's weight-only int8 matmul.
 
 When rugpt's compiled decode step (engines/native.py) does the steps, it reads `.weight` itself; with
-`pack_linear(..., plain=True)` int8 weights then stay one plain tensor, which the torch side (only
-prefills then) multiplies through aten's weight-only int8 matmul rather than a second, fbgemm copy.
+`pack_linear(..., plain=True)` int8 weights stay one plain tensor (no fbgemm copy), which the engine
+hands to the compiled kernel for its prefills too.
 """
 
 from __future__ import annotations

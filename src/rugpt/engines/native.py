@@ -3,7 +3,7 @@
 Why compile here rather than ship a binary: `-march=native` gives the widest vectors this CPU has
 (AVX-512, AVX2, NEON) from one portable source, and the build takes under a second. The library
 lands in `<cache>/native/<key>/` (key: source, compiler, flags, CPU), written through a temp folder,
-and is reused afterwards. Each process checks it against torch on a tiny model before using it.
+and is reused afterwards. Each process checks it against transformers on a tiny model before using it.
 
 Without a C compiler with OpenMP (or with RUGPT_NATIVE=0) the fast engine steps with torch ops, and
 the log says once why.
@@ -55,8 +55,8 @@ class LayerWeights(Protocol):
 
 @dataclass(frozen=True)
 class Kernel:
-    step: Callable
-    linear: Callable
+    step: Callable  # rugpt_step: one decode step of up to max_rows rows
+    linear: Callable  # rugpt_linear: one product, for int8 prefills
     # the weight formats it reads: int8 only where the CPU has VNNI; fp16 never (fbgemm's fp16 kernel reads it
     # faster than widening it here did: 8.8 vs 12-13 ms a step at batch 1)
     formats: tuple[str, ...]
@@ -76,7 +76,7 @@ class _Model(ctypes.Structure):
 class NativeStep:
     """Decode steps of one GPT-2 (tanh GELU, CPU) over the fast engine's fp32 KV cache, up to its rows at a time.
 
-    Linear weights are [out, in] in one of the kernel's formats (int8 with per-row scales, multiplied by
+    Linear weights are [out, in] fp32 or bf16, or int8 in int8_tiled's tiles (per-row scales, multiplied by
     activations quantized per row); embeddings, layer norms, biases and the cache are fp32. Caches are
     [rows, heads, ctx, head_dim].
     """
@@ -118,7 +118,7 @@ class NativeStep:
         """weight, scale, row sums, bias, in native_step.c's order; scale and row sums for int8 only."""
         bias = linear.bias.float().contiguous() if linear.bias is not None else None
         if linear.weight.dtype == torch.int8 and linear.row_sums is None:
-            raise ValueError("int8 weights reach the native step through int8_prefill (its tiles and row sums)")
+            raise ValueError("int8 weights reach the native step through int8_tiled (its tiles and row sums)")
         self._hold(linear.weight, linear.weight.dtype)
         for tensor, dtype in ((linear.scale, torch.float32), (linear.row_sums, torch.int32), (bias, torch.float32)):
             if tensor is not None:
@@ -145,7 +145,7 @@ class NativeStep:
 TILE_ROWS, TILE_COLUMNS = 8, 64  # native_step.c's int8 tiles
 
 
-def int8_prefill(kernel: Kernel, packed: PackedLinear) -> PackedLinear:
+def int8_tiled(kernel: Kernel, packed: PackedLinear) -> PackedLinear:
     """`packed` (plain int8 [out, in], `in` a multiple of 64) re-laid out in the kernel's tiles, its products,
     prefills included, computed by the kernel: aten's weight-only int8 matmul takes seconds for a 64-token
     prefill, and fbgemm would need a second copy of the weights."""
@@ -169,7 +169,7 @@ def int8_prefill(kernel: Kernel, packed: PackedLinear) -> PackedLinear:
 
 
 def untile_int8(tiles: torch.Tensor, out: int) -> torch.Tensor:
-    """The [out, in] int8 weight of `tiles` (int8_prefill's layout)."""
+    """The [out, in] int8 weight of `tiles` (int8_tiled's layout)."""
     blocks, steps, rows, columns = tiles.shape
     return tiles.transpose(1, 2).reshape(blocks * rows, steps * columns)[:out]
 
