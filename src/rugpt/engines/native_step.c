@@ -7,9 +7,9 @@
  * products (MKL's sgemv, oneDNN) read ruGPT-3 small's layer shapes at 20-26 GB/s on a 2-core machine
  * that sums memory at 32+ GB/s, and the ~170 small ops around them cost 3-4 ms a step in dispatch.
  * Here rows of a weight are read in blocks of 8, each row its own stream, against up to 3 input rows
- * at a time; the small ops cost nothing but their arithmetic. GCC
- * vector extensions keep it portable: -march=native makes them AVX-512, AVX2 or NEON. It runs in the
- * caller's OpenMP runtime (torch's), so it shares torch's threads instead of competing with them. */
+ * at a time; the small ops cost nothing but their arithmetic. GCC vector extensions keep it portable:
+ * -march=native makes them AVX-512, AVX2 or NEON (int8 needs AVX-512 VNNI). It runs in the caller's
+ * OpenMP runtime (torch's), so it shares torch's threads instead of competing with them. */
 #include <math.h>
 #include <stddef.h>
 #include <string.h>
@@ -44,11 +44,11 @@ typedef struct {
     int n_layer, d, n_head, d_ff, vocab, ctx, wtype;
     float eps;
     const float *wte, *wpe, *lnf_w, *lnf_b;
-    const void *lm_w;           /* the output projection [vocab, d] in wtype */
+    const void *lm_w;           /* the output projection [vocab, d] in wtype (int8: tiles) */
     const float *lm_s;          /* int8 only (else NULL): its row scales... */
     const int *lm_z;            /* ...and row sums */
-    const void **layer;         /* PER_LAYER pointers per layer: weights [out, in] in wtype; scales and row sums
-                                   NULL unless int8 */
+    const void **layer;         /* PER_LAYER pointers per layer: weights [out, in] in wtype (int8: tiles, see
+                                   tile_q8); scales and row sums NULL unless int8 */
     float **k_cache, **v_cache; /* per layer: [rows, n_head, ctx, d / n_head] */
     float *h, *a, *qkv, *att, *f, *scores; /* scratch per row: d, d, 3d, d, d_ff, n_head * ctx */
     unsigned char *xq;          /* scratch per row, int8 only: the quantized input of a product (d_ff)... */
@@ -230,7 +230,7 @@ static inline __attribute__((always_inline)) void rows(Input x, Weight W, const 
             default: any_tile(xc, W, b, yc, in, out, r, ROWS, COLS, mode, type);
             }
         }
-    for (; r < r1; r++)
+    for (; r < r1; r++) /* float rows past the last whole block; int8 shares are whole (padded) tiles */
         for (int c = 0; c < n; c++) any_tile(rows_from(x, c, in), W, b, y + (size_t)c * out, in, out, r, 1, 1, mode, type);
 }
 
