@@ -136,9 +136,9 @@ class FastEngine(DecodeEngine):
         # torch.empty only reserves address space: pages are touched as positions fill up.
         self.k_cache = [torch.empty(shape, device=device, dtype=dtype) for _ in self.layers]
         self.v_cache = [torch.empty(shape, device=device, dtype=dtype) for _ in self.layers]
-        self.native = kernel and NativeStep(kernel, wte=self.wte, wpe=self.wpe, ln_f=self.ln_f, lm_head=self.lm_head,
-                                            layers=self.layers, k_cache=self.k_cache, v_cache=self.v_cache,
-                                            n_head=self.n_head, eps=self.eps)
+        self.native = None if kernel is None else NativeStep(
+            kernel, wte=self.wte, wpe=self.wpe, ln_f=self.ln_f, lm_head=self.lm_head, layers=self.layers,
+            k_cache=self.k_cache, v_cache=self.v_cache, n_head=self.n_head, eps=self.eps)
         self.slot_of: dict[int, int] = {}
         # Positions [0, written[slot]) of a slot hold finite numbers; beyond is torch.empty memory, maybe NaN.
         self.written = [0] * max_rows
