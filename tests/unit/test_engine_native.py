@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from _engine_helpers import prompt_ids, run_tokens
 
 from rugpt.engines import create_engine, native
-from rugpt.engines.linear import pack_linear, quantize_int8
+from rugpt.engines.linear import quantize_int8
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
 
@@ -176,7 +176,7 @@ def test_int8_products_quantize_each_input_row():
         pytest.skip("this CPU has no VNNI")
     gen = torch.Generator().manual_seed(3)
     weight, bias = torch.randn(37, 128, generator=gen), torch.randn(37, generator=gen)  # rows: no multiple of 8
-    packed = native.int8_tiled(kernel, pack_linear(weight, bias, "int8", plain=True))
+    packed = native.int8_tiled(kernel, weight, bias)
     assert torch.equal(native.untile_int8(packed.weight, 37), quantize_int8(weight)[0])
     x = torch.randn(5, 128, generator=gen) * torch.tensor([[1.0], [10.0], [0.1], [3.0], [0.0]])
     torch.testing.assert_close(packed(x), _int8_as_the_kernel_computes(packed)(x), atol=1e-4, rtol=1e-5)

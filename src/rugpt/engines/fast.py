@@ -15,14 +15,13 @@ over every active row reads the cache through views, without copies.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import Enum
 
 import torch
 import torch.nn.functional as F
 
 from rugpt.engines.base import DecodeEngine
-from rugpt.engines.linear import PackedLinear, pack_linear
+from rugpt.engines.linear import BlockWeights, PackedLinear, pack_linear
 from rugpt.engines.memory import release_file_pages
 from rugpt.engines.native import TILE_COLUMNS, Kernel, NativeStep, int8_tiled, step_kernel
 from rugpt.errors import UsageError
@@ -59,10 +58,11 @@ def unsupported_reason(model) -> str | None:
 
 
 def _pack(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, kernel: Kernel | None) -> PackedLinear:
-    """Where the compiled step runs, it reads the weights itself: int8 stays one plain tensor, whose prefill
-    products the kernel computes too (engines/native.py)."""
-    packed = pack_linear(weight, bias, fmt, plain=kernel is not None)
-    return int8_tiled(kernel, packed) if kernel is not None and fmt == WeightFormat.int8.value else packed
+    """Where the compiled step runs int8, it packs the weights in its own tiles and computes their prefill
+    products too (engines/native.py), so there is no second, fbgemm copy."""
+    if kernel is not None and fmt == WeightFormat.int8.value:
+        return int8_tiled(kernel, weight, bias)
+    return pack_linear(weight, bias, fmt)
 
 
 def _pack_conv1d(conv, fmt: str, kernel: Kernel | None) -> PackedLinear:
@@ -83,16 +83,6 @@ def _pack_conv1d(conv, fmt: str, kernel: Kernel | None) -> PackedLinear:
     packed = _pack(out_in, conv.bias, fmt, kernel)
     release_file_pages(old)  # no longer read by the engine (the transformers path would read it back from disk)
     return packed
-
-
-@dataclass
-class _Layer:
-    ln1: tuple[torch.Tensor, torch.Tensor]
-    qkv: PackedLinear
-    proj: PackedLinear
-    ln2: tuple[torch.Tensor, torch.Tensor]
-    fc: PackedLinear
-    out: PackedLinear
 
 
 class FastEngine(DecodeEngine):
@@ -118,7 +108,7 @@ class FastEngine(DecodeEngine):
         fmt = self.weights.value
         kernel = self._native_kernel(config)
         self.layers = [
-            _Layer(
+            BlockWeights(
                 ln1=(block.ln_1.weight.detach(), block.ln_1.bias.detach()),
                 qkv=_pack_conv1d(block.attn.c_attn, fmt, kernel),
                 proj=_pack_conv1d(block.attn.c_proj, fmt, kernel),
@@ -176,8 +166,7 @@ class FastEngine(DecodeEngine):
     def _step(self, rows: list[int], token_ids: list[int]) -> torch.Tensor:
         if self.native is not None:
             slots, positions = [self.slot_of[row] for row in rows], [self.lengths[row] for row in rows]
-            for slot, position in zip(slots, positions, strict=True):
-                self.written[slot] = max(self.written[slot], position + 1)
+            self._mark_written(slots, positions)
             return self.native(slots, positions, token_ids)
         slots = [self.slot_of[row] for row in rows]
         order = sorted(range(len(rows)), key=slots.__getitem__)
@@ -195,8 +184,7 @@ class FastEngine(DecodeEngine):
         if ragged:  # rows of different lengths: hide each row's unused positions
             mask = (torch.arange(width, device=device)[None, :] <= positions[:, None])[:, None, None, :]
             self._clear_unwritten(slots, width)
-        for slot, position in zip(slots, position_list, strict=True):
-            self.written[slot] = max(self.written[slot], position + 1)
+        self._mark_written(slots, position_list)
         # one position for every row (the usual case): a plain slice write instead of a scatter
         write_rows, write_at = (torch.tensor(slots, device=device), positions) if ragged else (slot_index, width - 1)
         h = (self.wte[torch.tensor(token_ids, device=device)] + self.wpe[positions]).unsqueeze(1)  # [n, 1, d]
@@ -219,6 +207,10 @@ class FastEngine(DecodeEngine):
             inverse[original] = position
         return logits[inverse]
 
+    def _mark_written(self, slots: list[int], positions: list[int]) -> None:
+        for slot, position in zip(slots, positions, strict=True):
+            self.written[slot] = max(self.written[slot], position + 1)
+
     def _clear_unwritten(self, slots: list[int], width: int) -> None:
         """Zero the cache positions below `width` that no row wrote: a masked attention weight is 0, but 0 times
         a NaN left in torch.empty memory is still NaN, which would poison the shorter rows of a ragged step."""
@@ -233,14 +225,14 @@ class FastEngine(DecodeEngine):
             for cache in (*self.k_cache, *self.v_cache):
                 cache[index, :, start:end] = 0
 
-    def _qkv(self, layer: _Layer, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _qkv(self, layer: BlockWeights, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n, t, d = h.shape
         a = F.layer_norm(h, (d,), *layer.ln1, self.eps)
         qkv = layer.qkv(a.view(n * t, d)).view(n, t, 3, self.n_head, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [n, H, t, hd]
         return q, k, v
 
-    def _mlp(self, layer: _Layer, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, layer: BlockWeights, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         n, t, d = h.shape
         h = h + layer.proj(attn.transpose(1, 2).reshape(n * t, d)).view(n, t, d)
         m = F.layer_norm(h, (d,), *layer.ln2, self.eps).view(n * t, d)

@@ -7,9 +7,8 @@ matrix-vector product runs on one core and reads about half as fast); fp16 and i
 fbgemm's prepacked dynamic linear, with fp32 activations in and out. Where those kernels are missing
 (a GPU, a non-x86 CPU) fp32/bf16/fp16 run on F.linear and int8 on aten's weight-only int8 matmul.
 
-When rugpt's compiled decode step (engines/native.py) does the steps, it reads `.weight` itself; with
-`pack_linear(..., plain=True)` int8 weights stay one plain tensor (no fbgemm copy), which the engine
-hands to the compiled kernel for its prefills too.
+When rugpt's compiled decode step (engines/native.py) does the steps, it reads fp32 and bf16 `.weight`
+itself, and packs int8 weights its own way (engines/native.py: int8_tiled).
 """
 
 from __future__ import annotations
@@ -30,9 +29,9 @@ FORMATS = ("fp32", "bf16", "fp16", "int8")
 class PackedLinear:
     """y = x @ W.T + b for x [n, in] in fp32, whatever the stored format; returns fp32 [n, out].
 
-    `weight` ([out, in], or the native kernel's int8 tiles), `scale` (per output row, int8 only), `bias` and
-    `row_sums` (int8 for the native kernel) are the stored tensors where other code may read them (None
-    where only fbgemm's packed copy exists).
+    `weight` ([out, in], or the native kernel's int8 tiles), `scale` (per output row) and `row_sums` (the
+    native kernel's int8 only) and `bias` are the stored tensors where the compiled step reads them (None
+    where only a kernel's packed copy exists).
     """
 
     forward: Callable[[torch.Tensor], torch.Tensor]
@@ -46,10 +45,20 @@ class PackedLinear:
         return self.forward(x)
 
 
-def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, plain: bool = False) -> PackedLinear:
-    """Pack a weight laid out [out, in]. fp32 keeps the tensor itself (no copy) when it is contiguous.
+@dataclass
+class BlockWeights:
+    """One GPT-2 block as the fast engine holds it: two layer norms (weight, bias) and four linears."""
 
-    `plain`: int8 as a plain tensor in `.weight`, not fbgemm's packed copy (see the module's docstring)."""
+    ln1: tuple[torch.Tensor, torch.Tensor]
+    qkv: PackedLinear
+    proj: PackedLinear
+    ln2: tuple[torch.Tensor, torch.Tensor]
+    fc: PackedLinear
+    out: PackedLinear
+
+
+def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str) -> PackedLinear:
+    """Pack a weight laid out [out, in]. fp32 keeps the tensor itself (no copy) when it is contiguous."""
     weight = weight.detach()
     bias = bias.detach() if bias is not None else None
     if fmt not in FORMATS:
@@ -64,7 +73,7 @@ def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, plain
     if fmt == "fp16":
         return _fp16_fbgemm(weight, bias) if fbgemm else _plain(weight.to(torch.float16).contiguous(),
                                                                _cast(bias, torch.float16))
-    return _int8_fbgemm(weight, bias) if fbgemm and not plain else _int8_packed_mm(weight, bias)
+    return _int8_fbgemm(weight, bias) if fbgemm else _int8_packed_mm(weight, bias)
 
 
 def _cast(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -112,7 +121,7 @@ def _int8_packed_mm(weight: torch.Tensor, bias: torch.Tensor | None) -> PackedLi
         y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), q, scale)
         return y + bias if bias is not None else y
 
-    return PackedLinear(forward, q.numel() + scale.numel() * 4, q, scale, bias)
+    return PackedLinear(forward, q.numel() + scale.numel() * 4)
 
 
 def _int8_fbgemm(weight: torch.Tensor, bias: torch.Tensor | None) -> PackedLinear:

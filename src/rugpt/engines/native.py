@@ -20,16 +20,14 @@ import platform
 import shutil
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Protocol
 
 import torch
 
 from rugpt.atomic import atomic_write_dir
 from rugpt.cache import cache_dir
-from rugpt.engines.linear import PackedLinear, pack_linear
+from rugpt.engines.linear import BlockWeights, PackedLinear, pack_linear, quantize_int8
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("native_step.c")
@@ -40,17 +38,6 @@ _P = ctypes.POINTER(ctypes.c_float)
 
 class NativeUnavailable(RuntimeError):
     """The native step cannot be built or loaded here; the message says why."""
-
-
-class LayerWeights(Protocol):
-    """One GPT-2 block as the fast engine holds it."""
-
-    ln1: tuple[torch.Tensor, torch.Tensor]
-    qkv: PackedLinear
-    proj: PackedLinear
-    ln2: tuple[torch.Tensor, torch.Tensor]
-    fc: PackedLinear
-    out: PackedLinear
 
 
 @dataclass(frozen=True)
@@ -82,7 +69,7 @@ class NativeStep:
     """
 
     def __init__(self, kernel: Kernel, *, wte: torch.Tensor, wpe: torch.Tensor,
-                 ln_f: tuple[torch.Tensor, torch.Tensor], lm_head: PackedLinear, layers: list[LayerWeights],
+                 ln_f: tuple[torch.Tensor, torch.Tensor], lm_head: PackedLinear, layers: list[BlockWeights],
                  k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], n_head: int, eps: float):
         self._kernel = kernel.step
         linears = [lm_head, *(linear for layer in layers for linear in (layer.qkv, layer.proj, layer.fc, layer.out))]
@@ -118,7 +105,7 @@ class NativeStep:
         """weight, scale, row sums, bias, in native_step.c's order; scale and row sums for int8 only."""
         bias = linear.bias.float().contiguous() if linear.bias is not None else None
         if linear.weight.dtype == torch.int8 and linear.row_sums is None:
-            raise ValueError("int8 weights reach the native step through int8_tiled (its tiles and row sums)")
+            raise ValueError("int8 weights reach the native step packed by int8_tiled (its tiles and row sums)")
         self._hold(linear.weight, linear.weight.dtype)
         for tensor, dtype in ((linear.scale, torch.float32), (linear.row_sums, torch.int32), (bias, torch.float32)):
             if tensor is not None:
@@ -145,11 +132,12 @@ class NativeStep:
 TILE_ROWS, TILE_COLUMNS = 8, 64  # native_step.c's int8 tiles
 
 
-def int8_tiled(kernel: Kernel, packed: PackedLinear) -> PackedLinear:
-    """`packed` (plain int8 [out, in], `in` a multiple of 64) re-laid out in the kernel's tiles, its products,
-    prefills included, computed by the kernel: aten's weight-only int8 matmul takes seconds for a 64-token
-    prefill, and fbgemm would need a second copy of the weights."""
-    q, scale, bias = packed.weight, packed.scale, packed.bias
+def int8_tiled(kernel: Kernel, weight: torch.Tensor, bias: torch.Tensor | None) -> PackedLinear:
+    """`weight` ([out, in], `in` a multiple of 64) quantized to int8 per row and laid out in the kernel's tiles;
+    its products, prefills included, computed by the kernel: aten's weight-only int8 matmul takes seconds for
+    a 64-token prefill, and fbgemm would need a second copy of the weights."""
+    q, scale = quantize_int8(weight.detach())
+    bias = bias.detach().float().contiguous() if bias is not None else None
     out, n_in = q.shape
     row_sums = q.sum(1, dtype=torch.int32)  # the kernel's inputs are stored +128: that adds 128 * sum per row
     padded = torch.cat([q, q.new_zeros(-out % TILE_ROWS, n_in)])
@@ -165,7 +153,7 @@ def int8_tiled(kernel: Kernel, packed: PackedLinear) -> PackedLinear:
                       _ptr(y), n, n_in, out, _ptr(scratch), _ptr(scales), torch.get_num_threads())
         return y
 
-    return replace(packed, forward=forward, weight=tiles, row_sums=row_sums)
+    return PackedLinear(forward, tiles.numel() + scale.numel() * 4, tiles, scale, bias, row_sums)
 
 
 def untile_int8(tiles: torch.Tensor, out: int) -> torch.Tensor:
@@ -241,17 +229,17 @@ def _fp32_weights(model) -> dict:
     transformer = model.transformer
 
     def linear(conv) -> PackedLinear:
-        return pack_linear(conv.weight.detach().t().contiguous(), conv.bias, "fp32", plain=True)
+        return pack_linear(conv.weight.detach().t().contiguous(), conv.bias, "fp32")
 
     def norm(ln) -> tuple[torch.Tensor, torch.Tensor]:
         return ln.weight.detach(), ln.bias.detach()
 
-    layers = [SimpleNamespace(ln1=norm(b.ln_1), qkv=linear(b.attn.c_attn), proj=linear(b.attn.c_proj),
+    layers = [BlockWeights(ln1=norm(b.ln_1), qkv=linear(b.attn.c_attn), proj=linear(b.attn.c_proj),
                               ln2=norm(b.ln_2), fc=linear(b.mlp.c_fc), out=linear(b.mlp.c_proj))
               for b in transformer.h]
     wte = transformer.wte.weight.detach()
     return dict(wte=wte, wpe=transformer.wpe.weight.detach(), ln_f=norm(transformer.ln_f),
-                lm_head=pack_linear(wte, None, "fp32", plain=True), layers=layers)
+                lm_head=pack_linear(wte, None, "fp32"), layers=layers)
 
 
 def _compiler() -> str:
