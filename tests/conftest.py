@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Converted checkpoints and compiled kernels go to a cache of the test run's own, never the user's.
+os.environ.setdefault("RUGPT_CACHE", __import__("tempfile").mkdtemp(prefix="rugpt-test-cache-"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models run fastest on one thread, and several OpenMP pools on 2 cores slow each other badly.
 os.environ.setdefault("OMP_NUM_THREADS", "1")

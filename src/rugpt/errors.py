@@ -15,3 +15,7 @@ class ModelNotFound(RugptError, LookupError):
 
 class DataError(RugptError, ValueError):
     """Input data that cannot be read or parsed: the message names the file and line or offset."""
+
+
+class DiskFull(RugptError, OSError):
+    """Files that do not fit on this machine's disk: the message names the sizes, the folder and what to free."""

@@ -161,10 +161,10 @@ class Generator:
 
     def engine(self, rows: int = 1):
         """The decode engine, built on first use (and rebuilt if more rows are needed at once)."""
-        from rugpt.engines import create_engine, embeddings_patched
+        from rugpt.engines import create_engine, prompt_patched
 
         # A trained prompt patched in after the engine was built needs an engine that takes embeddings.
-        stale = self._engine is not None and not self._engine.accepts_embeds and embeddings_patched(self.loaded.model)
+        stale = self._engine is not None and not self._engine.accepts_embeds and prompt_patched(self.loaded)
         if self._engine is None or self._engine.max_rows < rows or stale:
             self._engine = create_engine(self.loaded, self.engine_choice, max_rows=max(rows, 8))
         return self._engine
@@ -247,7 +247,7 @@ class Generator:
                     row, row_logits = engine.prefill(ids, embeds)
                     seed = None if settings.seed is None else settings.seed + len(rows)
                     rows.append(row)
-                    samplers.append(RowSampler(params, ids, seed, engine.vocab_size))
+                    samplers.append(RowSampler(params, ids, seed, engine.sampleable_vocab))
                     logits.append(row_logits)
             active = list(range(len(rows)))
             generated = [0] * len(rows)
@@ -283,9 +283,11 @@ class Generator:
 
     def _prompt_embeds(self, ids: list[int]) -> torch.Tensor | None:
         """Input embeddings when the model's embedding layer is patched (a trained prompt), else None."""
-        layer = self.loaded.model.get_input_embeddings()
-        if type(layer) is torch.nn.Embedding:
+        from rugpt.engines import prompt_patched
+
+        if not prompt_patched(self.loaded):  # never builds a GGUF model's torch module just to ask
             return None
+        layer = self.loaded.model.get_input_embeddings()
         with torch.inference_mode():
             return layer(torch.tensor([ids], device=self.loaded.model.device))[0]
 

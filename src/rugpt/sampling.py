@@ -27,8 +27,10 @@ class SamplingParams:
 
 @dataclass
 class RowSampler:
-    """Picks tokens for one sequence; `history` is the prompt plus everything picked so far (ids at or past
-    `vocab_size`, when given, are left out of it)."""
+    """Picks tokens for one sequence; `history` is the prompt plus everything picked so far.
+
+    `vocab_size`, when given, is how many ids may be generated: ids at or past it (padded embedding rows,
+    trained-prompt tokens) are never picked and are left out of the history."""
 
     params: SamplingParams
     history: list[int]
@@ -50,6 +52,8 @@ class RowSampler:
     def process(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits after repetition penalty and n-gram blocking (before temperature and truncation)."""
         logits = logits.float().clone()
+        if self.vocab_size is not None:
+            logits[self.vocab_size :] = float("-inf")
         p = self.params
         if p.repetition_penalty != 1.0 and self.history:
             seen = torch.tensor(sorted(set(self.history)), dtype=torch.long)

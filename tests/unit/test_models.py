@@ -13,9 +13,9 @@ def test_aliases_and_old_hub_ids_resolve():
     assert resolve("tiny") == str(BUNDLED_DIR)
 
 
-def test_xl_explains_it_needs_deepspeed():
-    with pytest.raises(UsageError, match="DeepSpeed sparse attention"):
-        resolve("xl")
+def test_xl_resolves_to_the_transformers_conversion():
+    # ai-forever/rugpt3xl holds only the Megatron checkpoint; the community conversion has config and safetensors.
+    assert resolve("xl") == "evilfreelancer/ruGPT3XL"
 
 
 def test_unknown_alias_lists_what_is_allowed():
@@ -36,13 +36,36 @@ def test_uncached_hub_model_offline_gives_one_sentence():
     assert "\n" not in message
 
 
-def test_folder_without_safetensors_is_refused(tmp_path, tiny_model_dir):
+def test_folder_with_an_empty_bin_is_refused(tmp_path, tiny_model_dir):
     folder = tmp_path / "pickled"
     folder.mkdir()
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         (folder / name).write_bytes((tiny_model_dir / name).read_bytes())
     torch.save({}, folder / "pytorch_model.bin")
-    with pytest.raises(ModelNotFound, match="no safetensors weights"):
+    with pytest.raises(ModelNotFound, match="holds no tensors"):
+        load(str(folder))
+
+
+def test_folder_without_weights_is_refused(tmp_path, tiny_model_dir):
+    folder = tmp_path / "bare"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((tiny_model_dir / name).read_bytes())
+    with pytest.raises(ModelNotFound, match="has no weights: expected model.safetensors"):
+        load(str(folder))
+
+
+def test_checkpoint_missing_tensors_is_refused_not_filled_with_random_weights(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "partial"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((tiny_model_dir / name).read_bytes())
+    state = load_file(tiny_model_dir / "model.safetensors")
+    del state["transformer.h.1.mlp.c_fc.weight"]
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(ModelNotFound, match=r"lacks weights: transformer\.h\.1\.mlp\.c_fc\.weight"):
         load(str(folder))
 
 

@@ -56,6 +56,7 @@ def generate(
     can_stream = stream and not as_json and settings.num_beams == 1 and settings.num_return_sequences == 1
     if can_stream:
         generator.encode_prompt(model_text, settings.max_new_tokens)  # validate before echoing the prompt
+        generator.engine()  # an engine that cannot run this model says so before anything is printed
         out.print(text, end="", style="bold")
         for piece in generator.stream(model_text, settings):
             out.print(piece, end="")

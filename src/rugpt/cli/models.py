@@ -1,4 +1,5 @@
-"""`rugpt models` and `rugpt tokenize`: what checkpoints there are, and how a tokenizer splits a text."""
+"""`rugpt models`, `rugpt download` and `rugpt tokenize`: what checkpoints there are, fetching one, and how a
+tokenizer splits a text."""
 
 from __future__ import annotations
 
@@ -14,19 +15,39 @@ from rugpt.cli.app import ModelOpt, command, out, read_text_arg
 
 @command
 def models(as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
-    """List known checkpoints and where each is available locally."""
+    """List known checkpoints: download size, special-token ids and where each is cached."""
     from rugpt.models import list_models
 
     rows = list_models()
     if as_json:
         print(json.dumps(rows, ensure_ascii=False, indent=1))
         return
-    table = Table("alias", "hub id", "layers × width × heads", "params", "context", "local", "notes")
-    table.columns[1].no_wrap = True
+    # One block per model rather than a table: nine columns and a cache path do not fit a terminal.
     for row in rows:
-        table.add_row(row["alias"], row["hub_id"], row["shape"], row["params"], str(row["context"]),
-                      row["available"], row["notes"])
-    out.print(table)
+        out.print("\n".join(_describe(row)))
+
+
+def _describe(row: dict) -> list[str]:
+    ids = row["special_ids"]
+    size = f"≈{row['download_gb']:g} GB download (published size)" if row["download_gb"] else "ships with rugpt"
+    facts = [f"{row['shape']} (layers × width × heads)", f"{row['params']} parameters", f"context {row['context']}",
+             size, f"pad/bos/eos {ids['pad']}/{ids['bos']}/{ids['eos']}" if ids else "pad/bos/eos unknown",
+             f"cached: {row['path'] or 'no'}"]
+    return [f"[bold]{row['alias']}[/bold]  {row['hub_id']}", "    " + ", ".join(facts), f"    {row['notes']}"]
+
+
+@command
+def download(
+    name: Annotated[str, typer.Argument(help="alias (small, medium, large, xl, gpt2-large, 13b) or hub id")],
+    revision: Annotated[Optional[str], typer.Option(help="branch, tag or commit (default: main)")] = None,
+    token: Annotated[Optional[str], typer.Option(help="Hugging Face token for gated or private repos "
+                                                      "(default: the one `hf auth login` saved)")] = None,
+) -> None:
+    """Fetch a model's config, tokenizer and weights into the Hugging Face cache (resumable; skips other formats)."""
+    from rugpt.download import download as fetch
+
+    folder = fetch(name, revision=revision, token=token)
+    out.print(f"{name}: files in {folder}")
 
 
 @command

@@ -37,6 +37,16 @@ def embeddings_patched(model) -> bool:
     return type(model.get_input_embeddings()) is not torch.nn.Embedding
 
 
+def prompt_patched(loaded) -> bool:
+    """Whether `loaded` carries a trained prompt; a GGUF model whose torch module was never built has none.
+
+    Asking never builds that module: a GGUF model generating on llama.cpp must not dequantize its file.
+    """
+    if not getattr(loaded, "model_built", True):
+        return False
+    return embeddings_patched(loaded.model)
+
+
 def parse_engine(choice: EngineChoice | str) -> EngineChoice:
     """The engine named by `choice`, or a UsageError listing the names allowed."""
     try:
@@ -48,10 +58,20 @@ def parse_engine(choice: EngineChoice | str) -> EngineChoice:
 
 def create_engine(loaded, choice: EngineChoice | str = EngineChoice.auto, max_rows: int = 16) -> DecodeEngine:
     """Build the chosen engine over a loaded model; `auto` falls back to transformers with a log line."""
+    engine = _build_engine(loaded, parse_engine(choice), max_rows)
+    # Padded embedding rows past the tokenizer's vocabulary are never sampled (rugpt.special_tokens).
+    engine.sampleable_vocab = min(engine.vocab_size, getattr(loaded, "sampleable_vocab", None) or engine.vocab_size)
+    return engine
+
+
+def _build_engine(loaded, choice: EngineChoice, max_rows: int) -> DecodeEngine:
     from rugpt.engines.fast import FastEngine, unsupported_reason
     from rugpt.engines.reference import TransformersEngine
 
-    choice = parse_engine(choice)
+    if getattr(loaded, "gguf_path", None) is not None:
+        engine = _gguf_engine(loaded, choice, max_rows)
+        if engine is not None:
+            return engine
     model, context = loaded.model, loaded.context_length
     if choice == EngineChoice.transformers:
         return TransformersEngine(model, context, max_rows)
@@ -73,4 +93,23 @@ def create_engine(loaded, choice: EngineChoice | str = EngineChoice.auto, max_ro
     return FastEngine(model, context, max_rows, weights)
 
 
-__all__ = ["DecodeEngine", "EngineChoice", "create_engine", "embeddings_patched", "parse_engine"]
+def _gguf_engine(loaded, choice: EngineChoice, max_rows: int) -> DecodeEngine | None:
+    """llama.cpp over a GGUF model's own file, for `auto` and the llama.cpp engines; None for the torch engines.
+
+    The torch engines (transformers, fast*) run the model dequantized from the file, as asked; so does
+    any engine once a trained prompt is patched in, as llama.cpp cannot take its embeddings.
+    """
+    if choice != EngineChoice.auto and choice not in LLAMACPP_TYPES:
+        log.info("engine %s runs a torch model dequantized from %s (llama.cpp would run the file as it is)",
+                 choice.value, loaded.gguf_path)
+        return None
+    if prompt_patched(loaded):
+        log.info("running the torch model dequantized from %s: llama.cpp cannot take a trained prompt's "
+                 "embeddings", loaded.gguf_path)
+        return None
+    from rugpt.engines.llamacpp import create_gguf_engine
+
+    return create_gguf_engine(loaded, LLAMACPP_TYPES.get(choice), max_rows)
+
+
+__all__ = ["DecodeEngine", "EngineChoice", "create_engine", "embeddings_patched", "parse_engine", "prompt_patched"]

@@ -21,7 +21,8 @@ class DecodeEngine(ABC):
 
     def __init__(self, context_length: int, vocab_size: int, max_rows: int):
         self.context_length = context_length
-        self.vocab_size = vocab_size
+        self.vocab_size = vocab_size  # logits per row (the model's embedding rows)
+        self.sampleable_vocab = vocab_size  # ids below it may be generated; create_engine narrows it
         self.max_rows = max_rows
         self.lengths: dict[int, int] = {}  # row id → tokens in its cache
         self._next_id = 0

@@ -1,4 +1,8 @@
-"""Convert a GPT-2-architecture checkpoint folder (safetensors + tokenizer.json) to GGUF for llama.cpp.
+"""Convert a GPT-2-architecture checkpoint folder to GGUF for llama.cpp, with the model's own tokenizer and ids.
+
+Any layout rugpt loads converts: safetensors or pickled `.bin` weights (read through rugpt.weights),
+`tokenizer.json` or the slow `vocab.json` + `merges.txt`; the special ids are the ones rugpt resolved
+against the vocabulary (rugpt.special_tokens), not whatever an old config names.
 
 The layout follows llama.cpp's own `convert_hf_to_gguf.py` (`GPT2Model`, `_set_vocab_gpt2`): Conv1D
 weights [in, out] are transposed to [out, in]; the attention masks (`attn.bias`) are dropped; the
@@ -23,6 +27,7 @@ import torch
 from rugpt.atomic import atomic_write_dir
 from rugpt.cache import cache_dir
 from rugpt.errors import UsageError
+from rugpt.weights import file_sha256, weights_folder
 
 log = logging.getLogger(__name__)
 
@@ -58,47 +63,63 @@ def unsupported_reason(config: dict) -> str | None:
     return None
 
 
-def source_hash(folder: Path) -> str:
+def source_hash(weights: Path, config: dict, tokenizer_spec: str, ids) -> str:
     """A content hash of everything the conversion reads, so an edited checkpoint is converted anew."""
     digest = hashlib.sha256(CONVERTER_VERSION.encode())
-    for path in [folder / "config.json", folder / "tokenizer.json", *sorted(folder.glob("*.safetensors"))]:
+    digest.update(json.dumps(config, sort_keys=True).encode())
+    digest.update(tokenizer_spec.encode())
+    digest.update(repr(ids).encode())
+    for path in sorted(weights.glob("*.safetensors")):
         digest.update(path.name.encode())
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
+        digest.update(file_sha256(path).encode())
     return digest.hexdigest()[:16]
 
 
-def convert(folder: str | Path, gguf_type: GGUFType | str = GGUFType.f32, cache: Path | None = None) -> Path:
-    """The GGUF file of checkpoint `folder` in `gguf_type`, converted on first use and reused afterwards."""
+def convert(folder: str | Path, gguf_type: GGUFType | str = GGUFType.f32, cache: Path | None = None,
+            tokenizer=None) -> Path:
+    """The GGUF file of checkpoint `folder` in `gguf_type`, converted on first use and reused afterwards.
+
+    `tokenizer`: the loaded model's (its special ids already resolved); read from `folder` when not given.
+    """
+    from rugpt.models import load_tokenizer
+    from rugpt.special_tokens import apply_special_ids, choose_special_ids
+
     folder, gguf_type = Path(folder), GGUFType(gguf_type)
-    missing = [name for name in ("config.json", "tokenizer.json") if not (folder / name).is_file()]
-    if missing or not any(folder.glob("*.safetensors")):
-        missing = missing or ["*.safetensors"]
-        raise UsageError(f"cannot convert {str(folder)!r} to GGUF: it lacks {', '.join(missing)}")
+    if not (folder / "config.json").is_file():
+        raise UsageError(f"cannot convert {str(folder)!r} to GGUF: it lacks config.json")
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     reason = unsupported_reason(config)
     if reason:
         raise UsageError(f"llama.cpp cannot run {str(folder)!r}: {reason}; use engine='transformers'")
-    target = (cache or cache_dir()) / "gguf" / f"{source_hash(folder)}-{gguf_type.value}"
+    weights = weights_folder(folder)
+    if tokenizer is None:
+        from transformers import AutoConfig
+
+        tokenizer = load_tokenizer(folder)
+        ids = choose_special_ids(tokenizer, AutoConfig.from_pretrained(folder), config["vocab_size"], folder)
+        apply_special_ids(ids, tokenizer)
+    spec = tokenizer.backend_tokenizer.to_str()
+    ids = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id)
+    target = (cache or cache_dir()) / "gguf" / f"{source_hash(weights, config, spec, ids)}-{gguf_type.value}"
     if (target / "model.gguf").is_file():
         return target / "model.gguf"
     log.info("converting %s to GGUF (%s) into %s", folder, gguf_type.value, target)
     with atomic_write_dir(target) as tmp:
-        write_gguf(folder, config, gguf_type, tmp / "model.gguf")
+        write_gguf(weights, folder.name, config, json.loads(spec), ids, gguf_type, tmp / "model.gguf")
         (tmp / "source.json").write_text(json.dumps({"source": str(folder.resolve()), "type": gguf_type.value,
                                                      "converter": CONVERTER_VERSION}), encoding="utf-8")
     return target / "model.gguf"
 
 
-def write_gguf(folder: Path, config: dict, gguf_type: GGUFType, path: Path) -> None:
+def write_gguf(weights: Path, name: str, config: dict, spec: dict, ids: tuple, gguf_type: GGUFType,
+               path: Path) -> None:
     import gguf
 
     file_type = {GGUFType.f32: gguf.LlamaFileType.ALL_F32, GGUFType.f16: gguf.LlamaFileType.MOSTLY_F16,
                  GGUFType.q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type]
     writer = gguf.GGUFWriter(path, arch="gpt2")
     n_embd = config["n_embd"]
-    writer.add_name(folder.name)
+    writer.add_name(name)
     writer.add_block_count(config["n_layer"])
     writer.add_context_length(config.get("n_positions") or config["n_ctx"])
     writer.add_embedding_length(n_embd)
@@ -106,9 +127,9 @@ def write_gguf(folder: Path, config: dict, gguf_type: GGUFType, path: Path) -> N
     writer.add_head_count(config["n_head"])
     writer.add_layer_norm_eps(config.get("layer_norm_epsilon", 1e-5))
     writer.add_file_type(file_type)
-    add_vocab(writer, folder, config["vocab_size"])
-    for name, tensor in read_tensors(folder, config):
-        add_tensor(writer, name, tensor, gguf_type)
+    add_vocab(writer, spec, ids, config["vocab_size"])
+    for tensor_name, tensor in read_tensors(weights, config):
+        add_tensor(writer, tensor_name, tensor, gguf_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -159,14 +180,13 @@ def add_tensor(writer, name: str, data: np.ndarray, gguf_type: GGUFType) -> None
         writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
 
 
-def add_vocab(writer, folder: Path, vocab_size: int) -> None:
+def add_vocab(writer, spec: dict, ids: tuple, vocab_size: int) -> None:
     """The byte-level BPE vocabulary padded to the model's vocab size, merges and special ids."""
     import gguf
 
-    spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
     model = spec["model"]
     if model.get("type") != "BPE":
-        raise UsageError(f"tokenizer of {str(folder)!r} is {model.get('type')!r}, not byte-level BPE")
+        raise UsageError(f"the tokenizer is {model.get('type')!r}, not byte-level BPE; llama.cpp's GPT-2 needs BPE")
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     types = [gguf.TokenType.UNUSED] * vocab_size
     for text, index in model["vocab"].items():
@@ -180,8 +200,13 @@ def add_vocab(writer, folder: Path, vocab_size: int) -> None:
     writer.add_tokenizer_pre(pre_tokenizer(spec))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
-    special.add_to_gguf(writer)
+    # tokenizers writes merges as "a b" strings (older files) or [a, b] pairs (newer ones)
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])])
+    bos, eos, pad, unk = ids
+    for value, add in ((bos, writer.add_bos_token_id), (eos, writer.add_eos_token_id),
+                       (pad, writer.add_pad_token_id), (unk, writer.add_unk_token_id)):
+        if value is not None and value < vocab_size:
+            add(value)
 
 
 def pre_tokenizer(spec: dict) -> str:

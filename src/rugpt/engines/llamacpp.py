@@ -57,18 +57,6 @@ def _route_logs(llama_cpp) -> None:
     llama_cpp.llama_log_set(forward, ctypes.c_void_p(0))
 
 
-def checkpoint_folder(source: str) -> Path:
-    """The folder a loaded model came from: a local folder as is, a hub id through the local HF cache."""
-    if Path(source).is_dir():
-        return Path(source)
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(source, local_files_only=True))
-    except Exception as exc:  # the hub client raises several types for "not cached"
-        raise UsageError(f"the llama.cpp engine needs the checkpoint files of {source!r} on disk: {exc}") from None
-
-
 class LlamaCppEngine(DecodeEngine):
     """Rows decoded together by llama.cpp over one GGUF file; weights f32, f16 or q8_0."""
 
@@ -175,7 +163,27 @@ def create_llamacpp_engine(loaded, gguf_type: GGUFType | str, max_rows: int = 16
     """
     import_llama_cpp()
     gguf_type = GGUFType(gguf_type)
-    path = convert(checkpoint_folder(loaded.source), gguf_type)
+    from rugpt.models import checkpoint_folder
+
+    folder = loaded.folder or checkpoint_folder(loaded.name, loaded.source)
+    path = convert(folder, gguf_type, tokenizer=loaded.tokenizer)
     engine = LlamaCppEngine(path, loaded.context_length, max_rows, f32_cache=gguf_type == GGUFType.f32)
     engine.name = name or f"llamacpp-{gguf_type.value}"
+    return engine
+
+
+def create_gguf_engine(loaded, requested: GGUFType | str | None = None, max_rows: int = 16) -> LlamaCppEngine:
+    """A llama.cpp engine over a GGUF model's own file (`loaded.gguf_path`), run as it is.
+
+    A file's quantization was chosen when it was made: asked for another type (`llamacpp-q8` on a
+    Q4_K_M file), the file still runs as it is, with a log line, since requantizing would only lose more.
+    """
+    import_llama_cpp()
+    stored = loaded.weight_type  # 'f32', 'q8_0', 'q4_k_m', ...; None if the file does not say
+    if requested is not None and GGUFType(requested).value != stored:
+        log.warning("%s holds %s weights; llama.cpp runs the file as it is, not as %s",
+                    loaded.gguf_path, stored or "unstated", GGUFType(requested).value)
+    # An all-f32 file asks for exactness, so the KV cache stays f32 too, as for llamacpp-f32.
+    engine = LlamaCppEngine(loaded.gguf_path, loaded.context_length, max_rows, f32_cache=stored == "f32")
+    engine.name = f"llamacpp-{stored or 'gguf'}"
     return engine

@@ -6,6 +6,8 @@ and is what the fast engine is checked against. Rows are stepped one at a time: 
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from rugpt.engines.base import DecodeEngine
@@ -19,6 +21,10 @@ class TransformersEngine(DecodeEngine):
         super().__init__(context_length, model.config.vocab_size, max_rows)
         self.model = model
         self._caches: dict[int, object] = {}
+        # transformers 5 renames `past_key_values` to `cache` (the old name warns, then goes in 5.40);
+        # models written against the old name (remote-code layouts, older releases) still take it.
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
     @torch.inference_mode()
     def _prefill(self, row: int, token_ids: list[int], embeds: torch.Tensor | None) -> torch.Tensor:
@@ -27,20 +33,20 @@ class TransformersEngine(DecodeEngine):
         cache = DynamicCache(config=self.model.config)
         device = self.model.device
         if embeds is not None:
-            out = self.model(inputs_embeds=embeds.unsqueeze(0).to(device), past_key_values=cache, use_cache=True)
+            inputs = {"inputs_embeds": embeds.unsqueeze(0).to(device)}
         else:
-            out = self.model(input_ids=torch.tensor([token_ids], device=device), past_key_values=cache, use_cache=True)
-        self._caches[row] = out.past_key_values
-        return out.logits[0, -1].float()
+            inputs = {"input_ids": torch.tensor([token_ids], device=device)}
+        logits = self.model(**inputs, **{self._cache_arg: cache}, use_cache=True).logits
+        self._caches[row] = cache  # filled in place by the forward pass
+        return logits[0, -1].float()
 
     @torch.inference_mode()
     def _step(self, rows: list[int], token_ids: list[int]) -> torch.Tensor:
         device = self.model.device
         logits = []
         for row, token in zip(rows, token_ids, strict=True):
-            out = self.model(input_ids=torch.tensor([[token]], device=device), past_key_values=self._caches[row],
+            out = self.model(input_ids=torch.tensor([[token]], device=device), **{self._cache_arg: self._caches[row]},
                              use_cache=True)
-            self._caches[row] = out.past_key_values
             logits.append(out.logits[0, -1].float())
         return torch.stack(logits)
 

@@ -258,7 +258,8 @@ class BatchScheduler:
             for index, spec in enumerate(job.request.rows):
                 embeds = job.request.embed(spec.prompt_ids) if job.request.embed else None
                 engine_row, logits = self.engine.prefill(spec.prompt_ids, embeds)
-                rows.append(DecodeRow(job, index, engine_row, logits, spec, self.tokenizer, self.engine.vocab_size))
+                rows.append(DecodeRow(job, index, engine_row, logits, spec, self.tokenizer,
+                                      self.engine.sampleable_vocab))
                 self.metrics.prompt_tokens.inc(len(spec.prompt_ids))
         except RugptError as exc:
             self._abandon(job, rows, from_rugpt_error(exc))

@@ -123,18 +123,30 @@ def _prepare_model(model, settings: FinetuneSettings):
     if settings.method == Method.lora:
         from peft import LoraConfig, get_peft_model
 
+        targets = list(settings.lora_targets or _default_lora_targets(model))
         # GPT-2's Conv1D layers store weights as (in, out): LoRA must know to transpose.
         config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-                            target_modules=list(settings.lora_targets), task_type="CAUSAL_LM",
+                            target_modules=targets, task_type="CAUSAL_LM",
                             fan_in_fan_out=model.config.model_type == "gpt2")
         try:
             with warnings.catch_warnings():  # peft still calls transformers' renamed checkpointing query
                 warnings.simplefilter("ignore", FutureWarning)
                 model = get_peft_model(model, config)
         except ValueError as exc:
-            raise UsageError(f"lora_targets={list(settings.lora_targets)} do not fit the model: {exc}") from None
+            raise UsageError(f"lora_targets={targets} do not fit the model: {exc}") from None
     model.train()
     return model
+
+
+# The attention's input projections of each architecture rugpt loads (PEFT's own table lacks ruGPT-3 XL).
+DEFAULT_LORA_TARGETS = {"gpt2": ("c_attn",), "rugpt3xl": ("q_proj", "k_proj", "v_proj")}
+
+
+def _default_lora_targets(model) -> tuple[str, ...]:
+    model_type = model.config.model_type
+    if model_type not in DEFAULT_LORA_TARGETS:
+        raise UsageError(f"no default LoRA targets for model type {model_type!r}; name them with --lora-targets")
+    return DEFAULT_LORA_TARGETS[model_type]
 
 
 def _make_optimizer(model, settings: FinetuneSettings) -> torch.optim.AdamW:

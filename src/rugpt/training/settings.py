@@ -79,8 +79,8 @@ class FinetuneSettings:
     lora_r: int = _opt(8, "LoRA rank")
     lora_alpha: int = _opt(16, "LoRA scaling alpha (the update is scaled by alpha / rank)")
     lora_dropout: float = _opt(0.05, "dropout on the LoRA path")
-    lora_targets: tuple[str, ...] = _opt(("c_attn",), "module names that get LoRA adapters (GPT-2: c_attn, c_proj, "
-                                                      "c_fc)")
+    lora_targets: tuple[str, ...] = _opt((), "module names that get LoRA adapters; default: the attention's input "
+                                              "projections (GPT-2: c_attn; ruGPT-3 XL: q_proj, k_proj, v_proj)")
     merge: bool = _opt(False, "LoRA: merge the adapters into the weights and save a plain model")
     epochs: float = _opt(3.0, "passes over the training data (ignored when --max-steps is given)")
     max_steps: int = _opt(0, "optimizer steps to train; 0 = as many as --epochs takes")
@@ -122,7 +122,7 @@ class FinetuneSettings:
             (self.lora_r >= 1, f"lora_r={self.lora_r} must be >= 1"),
             (self.lora_alpha > 0, f"lora_alpha={self.lora_alpha} must be > 0"),
             (0 <= self.lora_dropout < 1, f"lora_dropout={self.lora_dropout} must be in [0, 1)"),
-            (bool(self.lora_targets) and all(self.lora_targets), "lora_targets must name at least one module"),
+            (all(self.lora_targets), "lora_targets must not contain empty names"),
             (not self.merge or self.method == Method.lora, "merge applies to --method lora only"),
             (self.epochs > 0 or self.max_steps > 0, f"epochs={self.epochs} must be > 0 (or give max_steps > 0)"),
             (self.max_steps >= 0, f"max_steps={self.max_steps} must be >= 0 (0 = use epochs)"),
