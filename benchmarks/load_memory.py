@@ -1,14 +1,13 @@
 """Peak memory of loading a sharded float32 `.bin` checkpoint (ruGPT-3.5-13B's layout) into bf16, fp16 and int8.
 
 ruGPT-3.5-13B is published as six float32 `.bin` shards (~59 GB); the question is whether loading it ever
-holds a full float32 copy. A scaled fixture in the same layout (six float32 `.bin` shards, GPT-2 with
-gelu_new, rows padded to 50272) is loaded in a fresh process per case, and each process reports its peak
-resident memory (VmHWM, reset after the imports) above its resident memory before loading; mapped file
-pages count while they are resident. Baseline in the same run:
-transformers' own `from_pretrained` on the `.bin` folder (it unpickles every shard with torch's
-weights-only loader, as transformers 5 does).
+holds a full float32 copy. A scaled fixture in the same layout (six float32 `.bin` shards of GPT-2 with
+gelu_new, width 1024, 20 layers, a small vocabulary padded to a multiple of 16 as 13B's is) is loaded in a
+fresh process per case; each reports its peak resident memory (VmHWM, reset after the imports) above its
+resident memory before loading, mapped file pages included while resident. Baseline in the same run:
+transformers' own `from_pretrained` on the `.bin` folder.
 
-    python benchmarks/load_memory.py            # ~1.6 GB of fp32 shards, a few minutes
+    python benchmarks/load_memory.py            # ~1 GB of fp32 shards, about a minute
     python benchmarks/load_memory.py --quick    # a tiny fixture: checks the script in seconds
 """
 

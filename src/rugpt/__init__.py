@@ -25,6 +25,7 @@ _LAZY = {
     "ScoreSettings": "rugpt.scoring",
     "Scorer": "rugpt.scoring",
     "classify": "rugpt.classification",
+    "download": "rugpt.download",
     "finetune": "rugpt.training.finetune",
     "generate": "rugpt.generation",
     "list_models": "rugpt.models",

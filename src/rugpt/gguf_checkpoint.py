@@ -210,11 +210,19 @@ def dequantized_model(loaded: GGUFModel):
 
     if importlib.util.find_spec("gguf") is None:
         raise UsageError(_INSTALL_HINT)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # transformers' dequantizing bar would clutter the CLI's stderr
     torch_dtype = pick_dtype(loaded._dtype, loaded.device)
     log.info("dequantizing %s into a %s torch model (scoring, fine-tuning and the torch engines need one)",
              loaded.gguf_path, torch_dtype)
     path = loaded.gguf_path
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=str(path), config=gpt2_config(loaded),
                                                  dtype=torch_dtype)
+    # Dequantized, the weights are plain tensors: forget the GGUF "quantizer", which would refuse
+    # save_pretrained (a fine-tune of a GGUF model saves an ordinary safetensors checkpoint).
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     return model.to(loaded.device).eval()
 

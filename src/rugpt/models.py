@@ -21,7 +21,7 @@ DEFAULT_MODEL = "tiny"
 
 
 @dataclass(frozen=True)
-class SpecialIds:
+class PublishedIds:
     """Token ids of padding, start and end of text, as the checkpoint's own config publishes them."""
 
     pad: int
@@ -39,16 +39,14 @@ class ModelSpec:
     params: str
     context: int
     notes: str = ""
-    # False where rugpt.load() cannot build the architecture at all (resolve() then refuses the name).
-    plain_transformers: bool = True
     # What `rugpt download` fetches, from the hub's published file sizes (None: ships with rugpt).
     download_gb: float | None = None
     # None: read from the checkpoint's own tokenizer (the bundled model, which has no hub page).
-    special_ids: SpecialIds | None = None
+    special_ids: PublishedIds | None = None
 
 
 # The ids the ruGPT-3 configs publish since December 2023 (older copies say 50256, a token not in the vocabulary).
-_RUGPT3_IDS = SpecialIds(pad=0, bos=1, eos=2)
+_RUGPT3_IDS = PublishedIds(pad=0, bos=1, eos=2)
 
 REGISTRY: tuple[ModelSpec, ...] = (
     ModelSpec("tiny", "bundled", "6 × 256 × 4", "6.9M", 512,
@@ -64,13 +62,13 @@ REGISTRY: tuple[ModelSpec, ...] = (
     ModelSpec("xl", "evilfreelancer/ruGPT3XL", "24 × 2048 × 16", "1.3B", 2048,
               "community conversion (fp16 safetensors) of ai-forever/rugpt3xl; alternating sparse attention, "
               "run by rugpt's own architecture, never the repo's code; reported perplexity 12.05",
-              download_gb=2.6, special_ids=SpecialIds(pad=0, bos=2, eos=1)),
+              download_gb=2.6, special_ids=PublishedIds(pad=0, bos=2, eos=1)),
     ModelSpec("gpt2-large", "ai-forever/rugpt2large", "36 × 1280 × 20", "774M", 1024, "ruGPT-2 Large",
               download_gb=3.39, special_ids=_RUGPT3_IDS),
     ModelSpec("13b", "ai-forever/ruGPT-3.5-13B", "40 × 5120 × 40", "13B", 2048,
               "ruGPT-3.5, a later, separate release; six float32 shards, loaded shard by shard; "
               "about 26 GB in fp16, about 14 GB in int8",
-              download_gb=59.0, special_ids=SpecialIds(pad=0, bos=2, eos=3)),
+              download_gb=59.0, special_ids=PublishedIds(pad=0, bos=2, eos=3)),
 )
 _BY_ALIAS = {spec.alias: spec for spec in REGISTRY} | {"bundled": REGISTRY[0]}
 # Hub ids once lived under sberbank-ai/; they redirect to ai-forever/.
@@ -106,11 +104,10 @@ def resolve(name: str | None) -> str:
     """Where to load `name` from: the bundled folder, a local folder, or a hub id."""
     name = name or DEFAULT_MODEL
     spec = find_spec(name)
+    if name.lower().removeprefix("sberbank-ai/").removeprefix("ai-forever/") == "rugpt3xl" and "/" in name:
+        raise UsageError(f"{name!r} holds only ruGPT-3 XL's Megatron checkpoint, which needs DeepSpeed; use 'xl' "
+                         f"({_BY_ALIAS['xl'].hub_id}, its transformers conversion, which rugpt runs itself)")
     if spec is not None:
-        if not spec.plain_transformers:
-            raise UsageError(
-                f"model {name!r} ({spec.hub_id}) {spec.notes}; use 'large' or another GPT-2-architecture checkpoint"
-            )
         return str(BUNDLED_DIR) if spec.hub_id == "bundled" else spec.hub_id
     path = Path(name).expanduser()
     if path.is_dir():
@@ -279,7 +276,7 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _bundled_special_ids() -> SpecialIds | None:
+def _bundled_special_ids() -> PublishedIds | None:
     """The bundled tokenizer's pad/bos/eos ids, read from its files (the tokenizers library, no transformers)."""
     import json
 
@@ -291,14 +288,14 @@ def _bundled_special_ids() -> SpecialIds | None:
     except Exception:  # tokenizers raises a bare Exception on a missing or bad file
         return None  # listing the registry must not fail because the package lost a file
     ids = {role: vocab.token_to_id(names.get(f"{role}_token") or "") for role in ("pad", "bos", "eos")}
-    return None if None in ids.values() else SpecialIds(**ids)
+    return None if None in ids.values() else PublishedIds(**ids)
 
 
 def list_models() -> list[dict]:
     """The registry with its published download sizes, special-token ids and where each model is cached."""
     rows = []
     for spec in REGISTRY:
-        where = local_copy(spec) if spec.plain_transformers else None
+        where = local_copy(spec)
         ids = spec.special_ids or (_bundled_special_ids() if spec.hub_id == "bundled" else None)
         rows.append({
             "alias": spec.alias, "hub_id": spec.hub_id, "shape": spec.shape, "params": spec.params,

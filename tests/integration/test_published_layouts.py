@@ -5,12 +5,14 @@ sparse attention — not only the bundled model.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
 import torch
 
 from layouts import build_13b_sharded, build_large, build_old_finetune, build_small_2023
+from layouts.gguf import build_gguf
 from layouts.xl import build_xl
 from rugpt.errors import UsageError
 from rugpt.generation import GenerationSettings, Generator
@@ -23,14 +25,18 @@ LAYOUTS = {
     "old-config-finetune": (build_old_finetune, (0, 1, 2), "</s>"),
     "ruGPT-3.5-sharded": (build_13b_sharded, (0, 2, 3), "</s>"),
     "xl-converted": (build_xl, (0, 2, 1), "<|endoftext|>"),
+    "ruGPT-3.5-gguf-q8": (lambda folder: build_gguf(folder, build_13b_sharded(folder / "source")), (0, 2, 3), "</s>"),
 }
 GPT2_ENGINES = ["auto", "transformers", "fast", "fast-bf16", "fast-fp16", "fast-int8"]
 PROMPT = "Мороз и солнце; день чудесный!"
+TRAINED_VOCAB = 400  # every layout's tokenizer (tests/layouts.build_tokenizer); rows past it are padding
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))
 def layout(request, tmp_path_factory):
     builder, ids, end = LAYOUTS[request.param]
+    if request.param.endswith("gguf-q8"):
+        pytest.importorskip("gguf")
     folder = builder(tmp_path_factory.mktemp(request.param))
     loaded = load(str(folder), device="cpu")
     return request.param, folder, loaded, ids, end
@@ -45,7 +51,15 @@ def one_thread():
 
 
 def is_xl(loaded) -> bool:
-    return loaded.model.config.model_type == "rugpt3xl"
+    return not is_gguf(loaded) and loaded.model.config.model_type == "rugpt3xl"
+
+
+def is_gguf(loaded) -> bool:
+    return getattr(loaded, "gguf_path", None) is not None
+
+
+def needs_llama_cpp(loaded, engine: str) -> bool:
+    return engine.startswith("llamacpp") or (is_gguf(loaded) and engine == "auto")
 
 
 def test_special_ids_come_from_the_model_files(layout):
@@ -54,7 +68,7 @@ def test_special_ids_come_from_the_model_files(layout):
     assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (pad, bos, eos)
     assert tokenizer.eos_token == end
     assert loaded.model.generation_config.eos_token_id == eos and loaded.model.config.eos_token_id == eos
-    assert loaded.sampleable_vocab == tokenizer.vocab_size  # padded rows (and invented tokens) excluded
+    assert loaded.sampleable_vocab == TRAINED_VOCAB  # padded rows (and invented tokens) excluded
 
 
 @pytest.mark.parametrize("engine", GPT2_ENGINES)
@@ -64,16 +78,18 @@ def test_generates_russian_on_every_engine_without_padded_rows(layout, engine):
         with pytest.raises(UsageError, match="fast engine"):
             Generator(loaded, engine=engine).generate(PROMPT, max_new_tokens=4)
         return
+    if needs_llama_cpp(loaded, engine):
+        pytest.importorskip("llama_cpp")
     generator = Generator(loaded, engine=engine)
     hot = GenerationSettings.from_preset("creative", temperature=3.0, max_new_tokens=24, seed=0)
     result = generator.generate(PROMPT, hot)
     assert result.engine != "abstract" and result.prompt_tokens > 3
     ids = result.completions[0].token_ids
-    assert ids and max(ids) < loaded.tokenizer.vocab_size
+    assert ids and max(ids) < TRAINED_VOCAB
     greedy = generator.generate(PROMPT, max_new_tokens=8, do_sample=False, repetition_penalty=1.0)
     reference = Generator(loaded, engine="transformers").generate(PROMPT, max_new_tokens=8, do_sample=False,
                                                                   repetition_penalty=1.0)
-    if engine in ("auto", "fast", "transformers"):
+    if engine in ("auto", "fast", "transformers") and not is_gguf(loaded):  # llama.cpp's q8 differs slightly
         assert greedy.completions[0].token_ids == reference.completions[0].token_ids
 
 
@@ -98,6 +114,26 @@ class EndOfTextFirst:
             logits = logits.clone()
             logits[..., self.eos] = logits.max() + 100
         return logits
+
+
+def test_cli_generates_from_the_folder_on_every_engine(layout):
+    from typer.testing import CliRunner
+
+    from rugpt.cli import app
+
+    _, folder, loaded, _, _ = layout
+    engines = ["auto", "transformers"] if is_xl(loaded) else GPT2_ENGINES
+    if not is_xl(loaded):
+        engines = [*engines, "llamacpp-f32", "llamacpp-q8"]
+    for engine in engines:
+        if needs_llama_cpp(loaded, engine) and not importlib.util.find_spec("llama_cpp"):
+            continue
+        result = CliRunner().invoke(app, ["generate", PROMPT, "--model", str(folder), "--engine", engine,
+                                          "--max-new-tokens", "6", "--seed", "0", "--json"])
+        assert result.exit_code == 0, (engine, result.output)
+        payload = json.loads(result.stdout)
+        assert payload["engine"].startswith(engine.split("-")[0] if engine != "auto" else "")
+        assert payload["completions"][0]["token_ids"]
 
 
 def test_generation_stops_at_the_models_own_end_of_text(layout):
@@ -196,6 +232,8 @@ def test_exports_gguf_with_its_own_tokenizer(layout):
     from rugpt.engines.gguf_convert import convert
 
     _, folder, loaded, (pad, bos, eos), _ = layout
+    if is_gguf(loaded):
+        pytest.skip("already a GGUF file")
     if is_xl(loaded):
         with pytest.raises(UsageError, match="llama.cpp cannot run"):
             convert(folder)

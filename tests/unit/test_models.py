@@ -18,6 +18,12 @@ def test_xl_resolves_to_the_transformers_conversion():
     assert resolve("xl") == "evilfreelancer/ruGPT3XL"
 
 
+@pytest.mark.parametrize("megatron", ["ai-forever/rugpt3xl", "sberbank-ai/rugpt3xl"])
+def test_the_megatron_xl_repo_points_to_the_conversion(megatron):
+    with pytest.raises(UsageError, match="only ruGPT-3 XL's Megatron checkpoint.*'xl' \\(evilfreelancer/ruGPT3XL"):
+        resolve(megatron)
+
+
 def test_unknown_alias_lists_what_is_allowed():
     with pytest.raises(ModelNotFound, match="unknown model 'huge'.*small"):
         resolve("huge")
