@@ -204,6 +204,8 @@ def test_serves_the_openai_client(layout):
     from rugpt.serve import ServerSettings, create_app
 
     _, _, loaded, _, _ = layout
+    if needs_llama_cpp(loaded, "auto"):
+        pytest.importorskip("llama_cpp")
     with live_server(create_app(ServerSettings(shutdown_grace=1.0), loaded=loaded)) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
         [model] = client.models.list().data
@@ -220,6 +222,8 @@ def test_plays_one_adventure_turn(layout):
     from rugpt.apps.adventure.state import Adventure, AdventureSettings
 
     _, _, loaded, _, _ = layout
+    if needs_llama_cpp(loaded, "auto"):
+        pytest.importorskip("llama_cpp")
     adventure = Adventure(title="Тест", scenario="test", world="Лес у реки.", opening="Вы стоите у замка.",
                           memory="Вы — рыцарь.", settings=AdventureSettings(max_new_tokens=12))
     game = Game(adventure, TokenCounter(loaded.tokenizer), loaded.context_length, seeds=iter(range(100)).__next__)
