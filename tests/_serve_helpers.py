@@ -4,6 +4,7 @@ and a page of headless Chromium."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -18,24 +19,35 @@ from rugpt.engines import create_engine
 
 class SlowEngine:
     """A real engine whose steps take at least `step_delay` seconds and that never picks end-of-text,
-    so a request runs exactly as long as a test needs; it also records how many rows each step had."""
+    so a request runs exactly as long as a test needs; it also records how many rows each step had.
 
-    def __init__(self, inner, step_delay: float = 0.0, banned: int | None = None):
-        self.inner, self.step_delay, self.banned = inner, step_delay, banned
+    A row whose prompt holds the id `poison` gets NaN logits from its first step on, as a broken trained
+    prompt's embedding would give it: nothing can be sampled from them."""
+
+    def __init__(self, inner, step_delay: float = 0.0, banned: int | None = None, poison: int | None = None):
+        self.inner, self.step_delay, self.banned, self.poison = inner, step_delay, banned, poison
         self.step_sizes: list[int] = []
+        self._poisoned: set[int] = set()
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
     def prefill(self, token_ids, embeds=None):
         row, logits = self.inner.prefill(token_ids, embeds)
+        if self.poison is not None and self.poison in token_ids:
+            self._poisoned.add(row)
         return row, self._ban(logits)
 
     def step(self, rows, token_ids):
         self.step_sizes.append(len(rows))
         if self.step_delay:
             time.sleep(self.step_delay)
-        return self._ban(self.inner.step(rows, token_ids))
+        logits = self._ban(self.inner.step(rows, token_ids))
+        with torch.inference_mode():
+            for position, row in enumerate(rows):
+                if row in self._poisoned:
+                    logits[position] = float("nan")
+        return logits
 
     def release(self, row):
         self.inner.release(row)
@@ -50,16 +62,18 @@ class SlowEngine:
         return logits
 
 
-def slow_engine(loaded, max_batch: int = 4, step_delay: float = 0.0, ban_eos: bool = True) -> SlowEngine:
+def slow_engine(loaded, max_batch: int = 4, step_delay: float = 0.0, ban_eos: bool = True,
+                poison: int | None = None) -> SlowEngine:
     inner = create_engine(loaded, "fast", max_rows=max_batch)
-    return SlowEngine(inner, step_delay, loaded.tokenizer.eos_token_id if ban_eos else None)
+    return SlowEngine(inner, step_delay, loaded.tokenizer.eos_token_id if ban_eos else None, poison)
 
 
-def make_app(loaded, max_batch: int = 4, step_delay: float = 0.0, ban_eos: bool = True, routers=(), **settings):
+def make_app(loaded, max_batch: int = 4, step_delay: float = 0.0, ban_eos: bool = True, routers=(),
+             poison: int | None = None, **settings):
     from rugpt.serve import ServerSettings, create_app
 
     settings.setdefault("shutdown_grace", 1.0)
-    engine = slow_engine(loaded, max_batch, step_delay, ban_eos)
+    engine = slow_engine(loaded, max_batch, step_delay, ban_eos, poison)
     return create_app(ServerSettings(max_batch=max_batch, **settings), loaded=loaded, engine=engine,
                       routers=routers)
 
@@ -71,6 +85,26 @@ async def asgi_client(app, **kwargs) -> AsyncIterator[httpx.AsyncClient]:
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver", **kwargs) as client:
             yield client
+
+
+@contextmanager
+def decode_thread(app) -> Iterator[None]:
+    """The app's decode thread running outside any one event loop, so that each request may run in a loop
+    of its own (`run(post(...))`, as hypothesis examples do); what the app's lifespan does, held open."""
+    scheduler = app.state.scheduler
+    scheduler.start()
+    try:
+        yield
+    finally:
+        asyncio.run(scheduler.stop(1.0))
+
+
+async def post(app, path: str, body, **headers) -> httpx.Response:
+    """POST `body` to the in-process app as JSON with non-ASCII escaped, so lone surrogates travel too."""
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        return await client.post(path, content=json.dumps(body), headers={"content-type": "application/json"}
+                                 | headers)
 
 
 def run(coro, timeout: float = 30.0):

@@ -15,9 +15,10 @@ from enum import Enum
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from rugpt.decoding import RowDecoder, RowSettings, RowStep, advance, cut_at_stop, start_row
 from rugpt.errors import UsageError
 from rugpt.models import LoadedModel, load
-from rugpt.sampling import RowSampler, SamplingParams
+from rugpt.sampling import SEED_SPACE, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +77,11 @@ class GenerationSettings:
             (self.no_repeat_ngram_size >= 0, f"no_repeat_ngram_size={self.no_repeat_ngram_size} must be >= 0"),
             (self.num_beams >= 1, f"num_beams={self.num_beams} must be >= 1"),
             (self.num_return_sequences >= 1, f"num_return_sequences={self.num_return_sequences} must be >= 1"),
-            (self.do_sample or self.num_return_sequences <= self.num_beams,
-             f"num_return_sequences={self.num_return_sequences} needs sampling or num_beams >= it "
-             f"(num_beams={self.num_beams})"),
+            # beam search returns at most num_beams sequences, sampling or not; without beams only sampling varies
+            (self.num_return_sequences <= self.num_beams if self.num_beams > 1
+             else self.do_sample or self.num_return_sequences == 1,
+             f"num_return_sequences={self.num_return_sequences} needs sampling without beams (num_beams=1) or "
+             f"num_beams >= it (num_beams={self.num_beams})"),
             (all(self.stop), "stop strings must not be empty"),
         ]
         for ok, message in checks:
@@ -89,6 +92,10 @@ class GenerationSettings:
         """The per-token part of these settings, for rugpt's sampler."""
         return SamplingParams(self.do_sample, self.temperature, self.top_k, self.top_p,
                               self.repetition_penalty, self.no_repeat_ngram_size)
+
+    def row_settings(self) -> RowSettings:
+        """What the decode core needs of these settings for each row."""
+        return RowSettings(self.sampling_params(), self.max_new_tokens, self.stop)
 
     def to_transformers(self) -> dict:
         """Keyword arguments for transformers' `generate`."""
@@ -101,9 +108,14 @@ class GenerationSettings:
             "no_repeat_ngram_size": self.no_repeat_ngram_size,
         }
         if self.do_sample:
-            kwargs |= {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
+            kwargs |= {"temperature": min(max(self.temperature, BEAM_TEMPERATURES[0]), BEAM_TEMPERATURES[1]),
+                       "top_k": self.top_k, "top_p": self.top_p}
         return kwargs
 
+
+# transformers' beam sampling scales log-probabilities by 1 / temperature and sums them over steps, which
+# overflows to NaN for extreme temperatures; these bounds are already as greedy / as uniform as sampling gets.
+BEAM_TEMPERATURES = (1e-4, 1e4)
 
 PRESETS: dict[str, dict] = {
     Preset.precise.value: {"do_sample": False, "num_beams": 4, "no_repeat_ngram_size": 3, "repetition_penalty": 1.0},
@@ -203,18 +215,15 @@ class Generator:
         if settings.num_beams > 1:
             return [self._beam_result(p, ids, cut, settings) for p, (ids, cut) in zip(prompts, encoded, strict=True)]
         n = settings.num_return_sequences
-        rows = len(prompts) * n
-        tokens: list[list[int]] = [[] for _ in range(rows)]
-        finish = ["length"] * rows
-        engine = self.engine(rows)
-        for index, token, reason in self.decode([ids for ids, _ in encoded], settings):
-            if token is not None:
-                tokens[index].append(token)
-            if reason is not None:
-                finish[index] = reason
-        completions = [self._completion(tokens[r], settings, finish[r]) for r in range(rows)]
+        finished: dict[int, RowDecoder] = {}
+        for index, row, step in self._decode_rows([ids for ids, _ in encoded], settings):
+            if step.finish is not None:
+                finished[index] = row
+        rows = [finished[i] for i in range(len(finished))]
+        completions = [Completion(row.text, row.ids, row.finish_reason) for row in rows]
+        engine = self.engine(len(rows)).name
         return [
-            GenerationResult(prompt, completions[i * n : i * n + n], len(ids), truncated, engine.name)
+            GenerationResult(prompt, completions[i * n : i * n + n], len(ids), truncated, engine)
             for i, (prompt, (ids, truncated)) in enumerate(zip(prompts, encoded, strict=True))
         ]
 
@@ -224,8 +233,9 @@ class Generator:
         if settings.num_beams > 1 or settings.num_return_sequences > 1:
             raise UsageError("streaming needs num_beams=1 and num_return_sequences=1; use generate() for beams")
         ids, _ = self.encode_prompt(prompt, settings.max_new_tokens)
-        tokens = ([token] for _, token, _ in self.decode([ids], settings) if token is not None)
-        yield from StopStringCutter(self.tokenizer, settings.stop).pieces(tokens)
+        for _, _, step in self._decode_rows([ids], settings):
+            if step.piece:
+                yield step.piece
 
     def decode(
         self, prompts: list[list[int]], settings: GenerationSettings
@@ -235,46 +245,39 @@ class Generator:
         Yields (row index, new token or None, finish reason or None) as tokens are picked; the token
         that ends a row by end-of-text is not yielded. Row r samples with seed `seed + r`.
         """
+        for index, _, step in self._decode_rows(prompts, settings):
+            yield index, step.token, step.finish
+
+    def _decode_rows(self, prompts: list[list[int]], settings: GenerationSettings
+                     ) -> Iterator[tuple[int, RowDecoder, RowStep]]:
+        """Rows of the decode core for `prompts`, stepped together until all finish.
+
+        Yields (row index, the row, its step) for every pick; a row whose pick fails raises its error here
+        (one call, one caller: nobody else's rows to protect)."""
         n = settings.num_return_sequences
         engine = self.engine(len(prompts) * n)
-        params = settings.sampling_params()
-        eos = self.tokenizer.eos_token_id
-        rows, samplers, logits = [], [], []
+        row_settings = settings.row_settings()
+        rows: list[RowDecoder] = []
         try:
             for ids in prompts:
                 embeds = self._prompt_embeds(ids)
                 for _ in range(n):
-                    row, row_logits = engine.prefill(ids, embeds)
                     seed = None if settings.seed is None else settings.seed + len(rows)
-                    rows.append(row)
-                    samplers.append(RowSampler(params, ids, seed, engine.sampleable_vocab))
-                    logits.append(row_logits)
-            active = list(range(len(rows)))
-            generated = [0] * len(rows)
-            watches = [StopWatch(self.tokenizer, settings.stop) for _ in rows]
+                    rows.append(start_row(engine, self.tokenizer, ids, row_settings, seed, embeds))
+            active = list(enumerate(rows))
             while active:
-                step_rows, step_tokens = [], []
-                for position, i in enumerate(active):
-                    token = samplers[i].next_token(logits[position])
-                    if token == eos:
-                        yield i, None, "stop"
-                        continue
-                    generated[i] += 1
-                    reason = None
-                    if watches[i].add(token):
-                        reason = "stop"
-                    elif generated[i] >= settings.max_new_tokens or engine.lengths[rows[i]] >= engine.context_length:
-                        reason = "length"  # the budget is spent, or the context is full and no step can follow
-                    yield i, token, reason
-                    if reason is None:
-                        step_rows.append(i)
-                        step_tokens.append(token)
-                active = step_rows
-                if active:
-                    logits = engine.step([rows[i] for i in active], step_tokens)
+                outcomes = advance(engine, [row for _, row in active])
+                going = []
+                for (index, row), outcome in zip(active, outcomes, strict=True):
+                    if isinstance(outcome, Exception):
+                        raise outcome
+                    yield index, row, outcome
+                    if outcome.finish is None:
+                        going.append((index, row))
+                active = going
         finally:
             for row in rows:
-                engine.release(row)
+                engine.release(row.engine_row)
 
     def _beam_result(self, prompt: str, ids: list[int], truncated: bool, settings: GenerationSettings):
         output = self._beam_search(ids, settings)
@@ -294,7 +297,7 @@ class Generator:
     @torch.inference_mode()
     def _beam_search(self, ids: list[int], settings: GenerationSettings) -> torch.Tensor:
         if settings.seed is not None:
-            torch.manual_seed(settings.seed)
+            torch.manual_seed(settings.seed % SEED_SPACE)
         model = self.loaded.model
         input_ids = torch.tensor([ids], device=model.device)
         kwargs = settings.to_transformers()
@@ -308,7 +311,8 @@ class Generator:
             **kwargs,
         )
 
-    def _completion(self, new_ids: list[int], settings: GenerationSettings, finish: str | None = None) -> Completion:
+    def _completion(self, new_ids: list[int], settings: GenerationSettings) -> Completion:
+        """A beam's completion: transformers pads beams and keeps end-of-text; the decode core does neither."""
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         ended = eos in new_ids
         if ended:
@@ -317,23 +321,8 @@ class Generator:
             new_ids.pop()
         text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
         cut = cut_at_stop(text, settings.stop)
-        if finish is None:
-            finish = "stop" if ended or cut != text or len(new_ids) < settings.max_new_tokens else "length"
+        finish = "stop" if ended or cut != text or len(new_ids) < settings.max_new_tokens else "length"
         return Completion(cut, new_ids, finish)
-
-
-class StopWatch:
-    """Tracks one row's generated text and says when it first contains a stop string."""
-
-    def __init__(self, tokenizer, stop: tuple[str, ...]):
-        self.tokenizer, self.stop, self.ids = tokenizer, stop, []
-
-    def add(self, token: int) -> bool:
-        if not self.stop:
-            return False
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        return any(s in text for s in self.stop)
 
 
 class StopOnStrings(StoppingCriteria):
@@ -345,73 +334,6 @@ class StopOnStrings(StoppingCriteria):
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
         return torch.tensor([any(s in t for s in self.stop) for t in texts], device=input_ids.device)
-
-
-def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
-    """`text` up to (not including) the earliest occurrence of any stop string."""
-    positions = [text.find(s) for s in stop if s in text]
-    return text[: min(positions)] if positions else text
-
-
-class StopStringCutter:
-    """Turns token ids into text pieces, holding back what may be the start of a stop string.
-
-    Push tokens as they come (`push`, then `finish`), or pull pieces from an iterator of token batches
-    (`pieces`); the pieces joined are the generated text cut at the first stop string.
-    """
-
-    def __init__(self, tokenizer, stop: tuple[str, ...]):
-        self.tokenizer, self.stop = tokenizer, stop
-        self.ids: list[int] = []
-        self.sent = 0
-        self.stopped = False  # a stop string came: nothing more is released
-
-    def push(self, token_ids: list[int]) -> str:
-        """Add tokens; return the text that became safe to show (often empty)."""
-        if self.stopped:
-            return ""
-        self.ids.extend(token_ids)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        cut = cut_at_stop(text, self.stop)
-        if cut != text:
-            self.stopped = True
-            return self._release(cut, len(cut))
-        safe = len(text) - self._held_back(text)
-        if text.endswith("\ufffd"):  # a multi-byte character split between tokens: wait for the rest
-            safe = min(safe, len(text) - 1)
-        return self._release(text, safe)
-
-    def finish(self) -> str:
-        """The text still held back, once no more tokens will come."""
-        if self.stopped:
-            return ""
-        text = cut_at_stop(self.tokenizer.decode(self.ids, skip_special_tokens=True), self.stop)
-        return self._release(text, len(text))
-
-    def pieces(self, token_batches) -> Iterator[str]:
-        for batch in token_batches:
-            if piece := self.push(batch):
-                yield piece
-            if self.stopped:
-                return
-        if piece := self.finish():
-            yield piece
-
-    def _release(self, text: str, upto: int) -> str:
-        if upto <= self.sent:
-            return ""
-        piece, self.sent = text[self.sent:upto], upto
-        return piece
-
-    def _held_back(self, text: str) -> int:
-        """Length of the longest end of `text` that is a proper prefix of a stop string."""
-        longest = 0
-        for s in self.stop:
-            for n in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:n]):
-                    longest = max(longest, n)
-                    break
-        return longest
 
 
 def _merge(settings: GenerationSettings | None, overrides: dict) -> GenerationSettings:

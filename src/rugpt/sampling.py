@@ -3,6 +3,11 @@
 The order and semantics follow transformers' logits processors: repetition penalty, n-gram blocking,
 then temperature, top-k, top-p. Each row samples with its own seeded `torch.Generator`, so a row's
 text depends on its seed alone, not on which other rows share its batch.
+
+Every value the settings' validation lets through must work, because on the server one row's failure
+would be a failure inside a shared batch: temperatures and penalties down to the smallest positive float
+and up to the largest, top_p so small it rounds to zero in float32, top_k past the vocabulary, logits with
+-inf, +inf or NaN. Only a row with no finite logit at all has nothing to pick (`NoTokenToPick`).
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ import secrets
 from dataclasses import dataclass, field
 
 import torch
+
+SEED_SPACE = 2**64  # torch.Generator takes seeds in [-2**63, 2**64); any int seed is taken modulo this
 
 
 @dataclass(frozen=True)
@@ -41,7 +48,9 @@ class RowSampler:
     def __post_init__(self) -> None:
         # Trained-prompt tokens lie past the output vocabulary: nothing to penalise or ban there.
         self.history = [t for t in self.history if self.vocab_size is None or t < self.vocab_size]
-        self.generator = torch.Generator().manual_seed(self.seed if self.seed is not None else secrets.randbits(63))
+        seed = self.seed if self.seed is not None else secrets.randbits(63)
+        # Modulo the seed space, so that every int (seed + row too) is a seed; torch itself maps -1 to 2**64 - 1.
+        self.generator = torch.Generator().manual_seed(seed % SEED_SPACE)
 
     def next_token(self, logits: torch.Tensor) -> int:
         """Pick the next token from this row's logits [vocab] and append it to the history."""
@@ -58,7 +67,8 @@ class RowSampler:
         if p.repetition_penalty != 1.0 and self.history:
             seen = torch.tensor(sorted(set(self.history)), dtype=torch.long)
             scores = logits[seen]
-            logits[seen] = torch.where(scores < 0, scores * p.repetition_penalty, scores / p.repetition_penalty)
+            penalty = float32_factor(p.repetition_penalty)
+            logits[seen] = torch.where(scores < 0, scores * penalty, scores / penalty)
         if p.no_repeat_ngram_size > 0:
             banned = banned_ngram_tokens(self.history, p.no_repeat_ngram_size)
             if banned:
@@ -78,19 +88,49 @@ def banned_ngram_tokens(history: list[int], n: int) -> set[int]:
     return banned
 
 
+class NoTokenToPick(RuntimeError):
+    """Every logit of a row is -inf or NaN (a broken model or prompt embedding, or n-gram blocking that
+    banned the whole vocabulary): that row cannot go on."""
+
+
+def float32_factor(value: float) -> float:
+    """`value` (> 0) clamped into float32's positive normal range, so that dividing or multiplying float32
+    logits by it can overflow to ±inf but never gives 0 / 0 or inf / inf (NaN). Ordinary values pass as they are."""
+    info = torch.finfo(torch.float32)
+    return min(max(value, info.tiny), info.max)
+
+
+def candidates(logits: torch.Tensor) -> torch.Tensor:
+    """Logits with NaN as -inf (never picked) and, when some are +inf, only those left, equally likely.
+
+    Raises NoTokenToPick when nothing is left to pick."""
+    logits = torch.where(torch.isnan(logits), float("-inf"), logits)
+    top = float(logits.max())
+    if top == float("-inf"):
+        raise NoTokenToPick(f"no token can be picked: all {logits.numel()} logits of this row are -inf or NaN")
+    if top == float("inf"):
+        logits = torch.where(logits == top, 0.0, float("-inf"))
+    return logits
+
+
 def pick_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """Greedy argmax, or a sample after temperature, top-k and top-p."""
+    logits = candidates(logits)
     if not params.do_sample:
         return int(torch.argmax(logits))
-    logits = logits / params.temperature
+    # Shifted so the likeliest logit is 0 before scaling: a tiny temperature sends the others to -inf
+    # (effectively greedy) instead of the likeliest to +inf, and softmax never sees inf - inf.
+    logits = (logits - logits.max()) / float32_factor(params.temperature)
     if 0 < params.top_k < logits.numel():
         values, indices = torch.topk(logits, params.top_k)
     else:
         values, indices = torch.sort(logits, descending=True)
     if params.top_p < 1.0:
         probs = torch.softmax(values, dim=-1)
-        # keep a token while the mass before it is below top_p (so the first token always stays)
+        # keep a token while the mass before it is below top_p; the first always stays, even when top_p
+        # is so small that it rounds to 0 against float32 probabilities
         keep = (torch.cumsum(probs, dim=-1) - probs) < params.top_p
+        keep[0] = True
         values, indices = values[keep], indices[keep]
     probs = torch.softmax(values, dim=-1)
     choice = torch.multinomial(probs, 1, generator=generator)

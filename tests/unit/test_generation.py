@@ -3,8 +3,9 @@ import logging
 import pytest
 import torch
 
+from rugpt.decoding import StopStringCutter
 from rugpt.errors import UsageError
-from rugpt.generation import GenerationSettings, Generator, StopStringCutter, cut_at_stop
+from rugpt.generation import GenerationSettings, Generator, cut_at_stop
 
 PROMPT = "Мороз и солнце; день чудесный!"
 GREEDY = dict(do_sample=False, num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0)
@@ -66,10 +67,15 @@ def test_num_return_sequences_gives_distinct_samples(gen):
     assert len({c.text for c in result.completions}) > 1
 
 
-def test_beam_search_returns_the_requested_number(gen):
+def test_beam_search_returns_the_requested_number_of_distinct_beams_best_first(gen, tiny):
     settings = GenerationSettings.from_preset("precise", max_new_tokens=8, num_return_sequences=2)
     result = gen.generate(PROMPT, settings)
-    assert [c.finish_reason for c in result.completions] and len(result.completions) == 2
+    best = gen.generate(PROMPT, settings, num_return_sequences=1).completions[0]
+    first, second = result.completions
+    assert first.token_ids != second.token_ids and first.token_ids == best.token_ids
+    for c in result.completions:
+        assert c.finish_reason in ("stop", "length") and 0 < len(c.token_ids) <= 8
+        assert c.text == tiny.tokenizer.decode(c.token_ids, skip_special_tokens=True)
 
 
 def test_stream_pieces_join_to_the_generated_text(gen):
@@ -100,9 +106,10 @@ def test_long_prompt_keeps_most_recent_tokens_and_warns(gen, tiny, caplog):
 
 
 def test_finish_reason_length_when_budget_used(gen):
-    result = gen.generate(PROMPT, max_new_tokens=5, **GREEDY)
-    completion = result.completions[0]
-    assert completion.finish_reason == "length" or len(completion.token_ids) < 5
+    short = gen.generate(PROMPT, max_new_tokens=5, **GREEDY).completions[0]
+    longer = gen.generate(PROMPT, max_new_tokens=20, **GREEDY).completions[0]
+    assert len(longer.token_ids) > 5  # on this model the greedy path runs past 5 tokens: the budget must end it
+    assert short.token_ids == longer.token_ids[:5] and short.finish_reason == "length"
 
 
 @pytest.mark.parametrize(

@@ -254,3 +254,33 @@ def test_playground_page_and_script_are_served(tiny):
     page, script = run(main())
     assert page.status_code == 200 and "playground.js" in page.text
     assert script.status_code == 200 and "/v1/completions" in script.text
+
+
+def test_a_request_id_already_running_is_a_409_and_the_first_goes_on(tiny):
+    async def main():
+        async with asgi_client(make_app(tiny, step_delay=0.01)) as client:
+            body, header = {"prompt": PROMPT, "max_tokens": 30}, {"X-Request-Id": "same-id-123"}
+            first = asyncio.ensure_future(client.post("/v1/completions", json=body, headers=header))
+            await asyncio.sleep(0.1)
+            second = await client.post("/v1/completions", json=body, headers=header)
+            return await first, second
+
+    first, second = run(main())
+    assert first.status_code == 200 and second.status_code == 409
+    assert second.json()["error"]["code"] == "duplicate_request_id" and "same-id-123" in second.text
+
+
+def test_a_streamed_row_that_fails_ends_its_stream_with_an_error_event_only(tiny):
+    ids = tiny.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    poison = next(i for i in tiny.tokenizer("анчар", add_special_tokens=False)["input_ids"] if i not in ids)
+
+    async def main():
+        async with asgi_client(make_app(tiny, step_delay=0.01, poison=poison)) as client:
+            good = asyncio.ensure_future(client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 20}))
+            bad = await client.post("/v1/completions", json={"prompt": "анчар", "max_tokens": 20, "stream": True})
+            return await good, bad
+
+    good, bad = run(main())
+    assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 20
+    events = sse_events(bad.text)
+    assert json.loads(events[-1][6:])["error"]["type"] == "server_error" and "data: [DONE]" not in events

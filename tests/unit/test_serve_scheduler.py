@@ -10,9 +10,9 @@ from _serve_helpers import run, slow_engine
 from rugpt.engines import create_engine
 from rugpt.errors import UsageError
 from rugpt.generation import GenerationSettings, Generator
-from rugpt.serve.errors import APIError
+from rugpt.serve.errors import api_error
 from rugpt.serve.jobs import DecodeRequest, Failed, Finished, Piece, RowSpec, Started
-from rugpt.serve.scheduler import BatchScheduler
+from rugpt.serve.scheduler import BatchScheduler, Busy, NotReady
 
 PROMPTS = ["Мой дядя самых честных правил", "Буря мглою небо кроет", "Ночь", "Я помню чудное мгновенье",
            "У лукоморья дуб зелёный", "Выхожу один я на дорогу"]
@@ -23,7 +23,7 @@ def request_for(tiny, text, stream=False, **overrides) -> DecodeRequest:
     ids = tiny.tokenizer(text, add_special_tokens=False)["input_ids"]
     rows = [RowSpec(ids, None if settings.seed is None else settings.seed + r)
             for r in range(settings.num_return_sequences)]
-    return DecodeRequest(rows, settings.sampling_params(), settings.max_new_tokens, settings.stop, stream)
+    return DecodeRequest(rows, settings.row_settings(), stream)
 
 
 def make_scheduler(tiny, max_batch=8, step_delay=0.0, ban_eos=False, **limits) -> BatchScheduler:
@@ -136,7 +136,7 @@ def test_full_queue_is_refused_with_429_and_retry_after(tiny):
         scheduler = make_scheduler(tiny, max_batch=1, step_delay=0.01, ban_eos=True, max_waiting=1)
         running = scheduler.submit(request_for(tiny, PROMPTS[0], max_new_tokens=30))
         waiting = scheduler.submit(request_for(tiny, PROMPTS[1], max_new_tokens=5))
-        with pytest.raises(APIError) as refused:
+        with pytest.raises(Busy) as refused:
             scheduler.submit(request_for(tiny, PROMPTS[2], max_new_tokens=5))
         assert waiting.position_at_submit == 1
         done = [await outcome(running), await outcome(waiting)]
@@ -144,7 +144,9 @@ def test_full_queue_is_refused_with_429_and_retry_after(tiny):
         return refused.value, done
 
     refused, done = run(main())
-    assert refused.status == 429 and refused.code == "queue_full" and int(refused.headers["Retry-After"]) >= 1
+    answer = api_error(refused)
+    assert refused.reason == "queue_full" and answer.status == 429 and answer.code == "queue_full"
+    assert int(answer.headers["Retry-After"]) >= 1
     assert all(fail is None for _, _, fail in done)
 
 
@@ -160,15 +162,15 @@ def test_a_request_waiting_longer_than_the_queue_limit_gets_503_and_never_starts
         return first, waited, running
 
     first, waited, _ = run(main())
-    assert isinstance(first, Failed) and first.error.status == 503 and first.error.code == "queue_timeout"
-    assert "max-queue-seconds" in first.error.message and waited < 5
+    assert isinstance(first, Failed) and isinstance(first.error, NotReady) and first.error.reason == "queue_timeout"
+    assert api_error(first.error).status == 503 and "max-queue-seconds" in str(first.error) and waited < 5
 
 
 def test_one_key_may_hold_only_its_share(tiny):
     async def main():
         scheduler = make_scheduler(tiny, max_batch=2, step_delay=0.01, ban_eos=True, max_inflight_per_key=2)
         mine = [scheduler.submit(request_for(tiny, p, max_new_tokens=10), key="a") for p in PROMPTS[:2]]
-        with pytest.raises(APIError) as refused:
+        with pytest.raises(Busy) as refused:
             scheduler.submit(request_for(tiny, PROMPTS[2], max_new_tokens=10), key="a")
         other = scheduler.submit(request_for(tiny, PROMPTS[3], max_new_tokens=10), key="b")
         for ticket in [*mine, other]:
@@ -178,7 +180,7 @@ def test_one_key_may_hold_only_its_share(tiny):
         return refused.value, again
 
     refused, (finished, _, failure) = run(main())
-    assert refused.status == 429 and refused.code == "per_key_limit"
+    assert api_error(refused).status == 429 and refused.reason == "per_key_limit"
     assert failure is None and finished[0].reason == "length"
 
 
@@ -218,7 +220,7 @@ def test_a_failing_prefill_fails_only_its_own_request(tiny):
         return results
 
     (_, _, failure), (finished, _, ok) = run(main())
-    assert failure.error.status == 400 and "cannot be embedded" in failure.error.message
+    assert api_error(failure.error).status == 400 and "cannot be embedded" in str(failure.error)
     assert ok is None and len(finished[0].token_ids) == 5
 
 
@@ -231,12 +233,12 @@ def test_stop_fails_waiting_requests_and_never_hangs(tiny):
         began = time.monotonic()
         await scheduler.stop(grace=0.2)
         took = time.monotonic() - began
-        with pytest.raises(APIError) as refused:
+        with pytest.raises(NotReady) as refused:
             scheduler.submit(request_for(tiny, PROMPTS[2]))
         return await outcome(running), await outcome(waiting), took, refused.value, scheduler
 
     (_, _, ran), (_, _, queued), took, refused, scheduler = run(main())
-    assert ran.error.status == 503 and queued.error.status == 503 and refused.status == 503
+    assert all(api_error(e).status == 503 for e in (ran.error, queued.error, refused))
     assert took < 6 and not scheduler.ready
 
 

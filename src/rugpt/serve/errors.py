@@ -1,7 +1,8 @@
 """Errors in OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 
 A client's mistake is always a 4xx with a message saying what to change; only our own faults are 500,
-and those never echo internals (the traceback goes to the log).
+and those never echo internals (the traceback goes to the log). `api_error` is the one table from the
+exceptions of the library and the scheduler to these answers.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from rugpt.errors import ModelNotFound, RugptError, UsageError
+from rugpt.errors import ModelNotFound, RugptError
+from rugpt.serve.scheduler import Busy, DuplicateRequestId, NotReady, Refused
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +31,8 @@ class APIError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        fields = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        return {"error": {name: _encodable(value) for name, value in fields.items()}}
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
@@ -46,6 +49,28 @@ def too_many(message: str, retry_after: float | None, code: str) -> APIError:
 
 def unavailable(message: str, code: str) -> APIError:
     return APIError(503, message, type="server_error", code=code)
+
+
+def _encodable(value: str | None) -> str | None:
+    """A message that echoes a client's value may hold a lone surrogate (JSON allows "\\ud800"), which UTF-8
+    cannot encode; it is shown escaped instead of failing the answer."""
+    return value if value is None else value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def api_error(exc: BaseException) -> APIError:
+    """The answer for an exception raised while serving a request: the scheduler's refusals, a library
+    error caused by the request's values (4xx), or a fault of ours (500, logged)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, Busy):
+        return too_many(str(exc), exc.retry_after, exc.reason)
+    if isinstance(exc, NotReady):
+        return unavailable(str(exc), exc.reason)
+    if isinstance(exc, DuplicateRequestId):
+        return APIError(409, str(exc), code=exc.reason, param="X-Request-Id")
+    if isinstance(exc, RugptError):
+        return from_rugpt_error(exc)
+    return internal(exc)
 
 
 def from_rugpt_error(exc: RugptError) -> APIError:
@@ -80,9 +105,10 @@ def install_handlers(app: FastAPI) -> None:
         message, param = _validation_message(exc)
         return bad_request(message, param=param).response()
 
-    @app.exception_handler(UsageError)
-    async def _usage(request: Request, exc: UsageError) -> JSONResponse:
-        return from_rugpt_error(exc).response()
+    @app.exception_handler(RugptError)
+    @app.exception_handler(Refused)
+    async def _mapped(request: Request, exc: Exception) -> JSONResponse:
+        return api_error(exc).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rugpt.sampling import SamplingParams
-from rugpt.serve.errors import APIError
+from rugpt.decoding import RowSettings
 
 
 @dataclass(frozen=True)
@@ -30,9 +29,7 @@ class DecodeRequest:
     """
 
     rows: list[RowSpec]
-    params: SamplingParams
-    max_new_tokens: int
-    stop: tuple[str, ...] = ()
+    settings: RowSettings
     stream: bool = False
     embed: Callable[[list[int]], torch.Tensor | None] | None = None
 
@@ -62,7 +59,7 @@ class Finished:
 
 @dataclass(frozen=True)
 class Failed:
-    error: APIError
+    error: Exception  # the scheduler's refusal, or the fault of this request's row; serve/errors.py maps it
 
 
 Event = Started | Piece | Finished | Failed

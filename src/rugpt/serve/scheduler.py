@@ -2,10 +2,16 @@
 
 Requests wait in a bounded FIFO queue; one worker thread owns the decode engine and runs a loop of
 (admit waiting requests into free rows → drop cancelled rows → sample one token per row → one batched
-engine step). A request joins the running batch between two steps and leaves it as soon as it is done
-(continuous batching, as in Orca, OSDI '22), so rows of different lengths, sampling settings and trained
-prompts share every step. Each row samples with its own seeded generator, so its text does not depend
-on what it was batched with.
+engine step). Sampling, stop strings and the finish rules are the decode core's (`rugpt.decoding`, shared
+with `Generator`); this module keeps admission, cancellation and routing events only. A request joins the
+running batch between two steps and leaves it as soon as it is done (continuous batching, as in Orca,
+OSDI '22), so rows of different lengths, sampling settings and trained prompts share every step. Each row
+samples with its own seeded generator, so its text does not depend on what it was batched with. A row
+whose prefill or pick fails (its prompt's embedding, its logits) fails its own request only; the rest of
+the batch goes on.
+
+Refusals are plain exceptions (`Busy`, `NotReady`, `DuplicateRequestId`), raised by `submit` or carried,
+like a row's fault, by a `Failed` event; serve/errors.py turns them into HTTP answers.
 
 The asyncio side talks to the worker through a lock-protected queue and per-request asyncio queues
 fed with `loop.call_soon_threadsafe`; torch releases the GIL, so the event loop stays responsive.
@@ -20,14 +26,37 @@ import threading
 import time
 from collections import Counter, deque
 
+from rugpt.decoding import RowStep, advance, start_row
 from rugpt.engines.base import DecodeEngine
-from rugpt.errors import RugptError
-from rugpt.serve.errors import APIError, from_rugpt_error, internal, too_many, unavailable
 from rugpt.serve.jobs import DecodeRequest, Event, Failed, Finished, Job, Started
 from rugpt.serve.metrics import ServerMetrics
-from rugpt.serve.rows import DecodeRow, RowEnd
+from rugpt.serve.rows import ServedRow
 
 log = logging.getLogger(__name__)
+
+
+class Refused(Exception):
+    """The scheduler cannot take or finish a request; `reason` says why, in a word (metrics, error codes)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class Busy(Refused):
+    """Too many requests waiting, or too many of one key: retry after `retry_after` seconds (None: unknown)."""
+
+    def __init__(self, message: str, reason: str, retry_after: float | None):
+        super().__init__(message, reason)
+        self.retry_after = retry_after
+
+
+class NotReady(Refused):
+    """Shutting down, crashed, or waited too long in the queue."""
+
+
+class DuplicateRequestId(Refused):
+    """A request with this id is already waiting or running."""
 
 
 class Ticket:
@@ -73,7 +102,7 @@ class BatchScheduler:
         self._jobs: dict[str, Job] = {}  # waiting and running, by id
         self._per_key: Counter[str] = Counter()
         self._reserved = 0  # rows held by running jobs (and by jobs being prefilled)
-        self._rows: list[DecodeRow] = []  # worker thread only
+        self._rows: list[ServedRow] = []  # worker thread only
         self._mean_run: float | None = None  # moving average of a request's decode time, for wait estimates
         self._stopping = False
         self._crashed: BaseException | None = None
@@ -89,7 +118,8 @@ class BatchScheduler:
         return self._thread.is_alive() and not self._stopping and self._crashed is None
 
     def submit(self, request: DecodeRequest, key: str | None = None, job_id: str | None = None) -> Ticket:
-        """Queue a request (raises APIError 429 / 409 / 503 when it cannot be taken); call on the event loop."""
+        """Queue a request; call on the event loop. Raises Busy, DuplicateRequestId or NotReady when it cannot
+        be taken."""
         job = Job(job_id or f"req-{secrets.token_hex(12)}", request, key, asyncio.get_running_loop())
         with self._cond:
             self._check_admissible(job)
@@ -137,7 +167,7 @@ class BatchScheduler:
         with self._cond:
             self._stopping = True
             for job in list(self._waiting):
-                job.post(Failed(unavailable("the server is shutting down; retry later", "shutting_down")))
+                job.post(Failed(NotReady("the server is shutting down; retry later", "shutting_down")))
                 self._forget(job)
             self._waiting.clear()
             self.metrics.queue_depth.set(0)
@@ -157,21 +187,21 @@ class BatchScheduler:
 
     def _check_admissible(self, job: Job) -> None:
         if self._stopping or self._crashed is not None:
-            raise unavailable("the server is shutting down or its decode loop failed; retry later", "not_ready")
+            raise NotReady("the server is shutting down or its decode loop failed; retry later", "not_ready")
         if job.id in self._jobs:
-            raise APIError(409, f"a request with id {job.id!r} is already running; use another X-Request-Id",
-                           code="duplicate_request_id")
+            raise DuplicateRequestId(f"a request with id {job.id!r} is already running; use another X-Request-Id",
+                                     "duplicate_request_id")
         limit = self.max_inflight_per_key
         if limit and job.key is not None and self._per_key[job.key] >= limit:
             self.metrics.rejections.labels("per_key_limit").inc()
-            raise too_many(f"this API key already has {limit} requests running or waiting (the per-key limit); "
-                           f"wait for one to finish", self._mean_run, "per_key_limit")
+            raise Busy(f"this API key already has {limit} requests running or waiting (the per-key limit); "
+                       f"wait for one to finish", "per_key_limit", self._mean_run)
         must_wait = self._waiting or self.max_batch - self._reserved < len(job.request.rows)
         if must_wait and len(self._waiting) >= self.max_waiting:  # requests about to start do not count
             self.metrics.rejections.labels("queue_full").inc()
             _, wait = self._position_after(len(self._waiting), sum(len(j.request.rows) for j in self._waiting))
-            raise too_many(f"the server is busy: {len(self._waiting)} requests are already waiting; retry later",
-                           wait, "queue_full")
+            raise Busy(f"the server is busy: {len(self._waiting)} requests are already waiting; retry later",
+                       "queue_full", wait)
 
     def _promote(self) -> None:
         """Reserve rows for waiting requests, in order, while the first of them fits."""
@@ -220,7 +250,7 @@ class BatchScheduler:
                     self._step_or_fail()
         except BaseException as exc:  # the decode loop must never die silently: fail everyone, report unhealthy
             self._crashed = exc
-            self._fail_all(internal(exc))
+            self._fail_all(exc if isinstance(exc, Exception) else RuntimeError(f"decode loop ended: {exc!r}"))
         finally:
             self.engine.release_all()
 
@@ -245,7 +275,7 @@ class BatchScheduler:
             job = self._waiting.popleft()
             self._forget(job)
             self.metrics.rejections.labels("queue_timeout").inc()
-            job.post(Failed(unavailable(
+            job.post(Failed(NotReady(
                 f"the request waited {now - job.queued_at:.1f} s for a free slot, more than this server's limit "
                 f"of {self.max_queue_seconds:g} s (--max-queue-seconds); retry later", "queue_timeout")))
 
@@ -253,30 +283,26 @@ class BatchScheduler:
         job.started_at = time.monotonic()
         job.post(Started(job.started_at - job.queued_at))
         self.metrics.queue_wait.observe(job.started_at - job.queued_at)
-        rows: list[DecodeRow] = []
+        rows: list[ServedRow] = []
+        request = job.request
         try:
-            for index, spec in enumerate(job.request.rows):
-                embeds = job.request.embed(spec.prompt_ids) if job.request.embed else None
-                engine_row, logits = self.engine.prefill(spec.prompt_ids, embeds)
-                rows.append(DecodeRow(job, index, engine_row, logits, spec, self.tokenizer,
-                                      self.engine.sampleable_vocab))
+            for index, spec in enumerate(request.rows):
+                embeds = request.embed(spec.prompt_ids) if request.embed else None
+                row = start_row(self.engine, self.tokenizer, spec.prompt_ids, request.settings, spec.seed, embeds)
+                rows.append(ServedRow(job, index, row))
                 self.metrics.prompt_tokens.inc(len(spec.prompt_ids))
-        except RugptError as exc:
-            self._abandon(job, rows, from_rugpt_error(exc))
-            return
-        except Exception as exc:  # a fault of ours, but only this request's: the loop goes on
-            self._abandon(job, rows, internal(exc))
+        except Exception as exc:  # this request's fault (its prompt, its embedding) or ours: only it fails
+            self._abandon(job, rows, exc)
             return
         job.open_rows = len(rows)
         self._rows.extend(rows)
         self.metrics.running_rows.set(len(self._rows))
         self.metrics.running_requests.inc()
 
-    def _abandon(self, job: Job, rows: list[DecodeRow], error: APIError) -> None:
+    def _abandon(self, job: Job, rows: list[ServedRow], error: Exception) -> None:
         job.post(Failed(error))  # first, so the request hears nothing that follows
-        for row in rows:
-            self.engine.release(row.engine_row)
-            row.finish(RowEnd("cancelled", ()))  # ends a streamed row's text thread
+        for served in rows:
+            self.engine.release(served.row.engine_row)
         with self._cond:
             self._reserved -= len(job.request.rows)
             self._forget(job)
@@ -285,8 +311,8 @@ class BatchScheduler:
     def _drop_cancelled(self) -> None:
         for job in {row.job: None for row in self._rows if row.job.cancel_cause is not None}:
             if job.cancel_cause == "shutdown":
-                self._end_job(job, Failed(unavailable("the server shut down before the request finished",
-                                                      "shutting_down")))
+                self._end_job(job, Failed(NotReady("the server shut down before the request finished",
+                                                   "shutting_down")))
                 continue
             for row in [r for r in self._rows if r.job is job]:
                 self._finish_row(row, "cancelled")
@@ -294,12 +320,11 @@ class BatchScheduler:
     def _step_or_fail(self) -> None:
         try:
             self._step()
-        except Exception as exc:  # cannot tell whose row broke the step: fail the batch, keep serving
-            error = internal(exc)
+        except Exception as exc:  # cannot tell whose row broke the engine step: fail the batch, keep serving
             for job in {row.job: None for row in self._rows}:
-                self._end_job(job, Failed(error))
+                self._end_job(job, Failed(exc))
 
-    def _fail_all(self, error: APIError) -> None:
+    def _fail_all(self, error: Exception) -> None:
         with self._cond:
             waiting = list(self._waiting) + self._ready
             self._waiting.clear()
@@ -312,37 +337,28 @@ class BatchScheduler:
             self._end_job(job, Failed(error))
 
     def _step(self) -> None:
-        eos = self.tokenizer.eos_token_id
-        stepping: list[DecodeRow] = []
-        tokens: list[int] = []
-        for row in list(self._rows):
-            token = row.sampler.next_token(row.logits)
-            if token == eos:
-                self._finish_row(row, "stop")
-                continue
-            self.metrics.tokens.inc()
-            reason = row.add(token)
-            if reason is None and len(row.ids) >= row.job.request.max_new_tokens:
-                reason = "length"
-            elif reason is None and self.engine.lengths[row.engine_row] >= self.engine.context_length:
-                reason = "length"  # the context is full: no step can follow
-            if reason is None:
-                stepping.append(row)
-                tokens.append(token)
-            else:
-                self._finish_row(row, reason)
-        if stepping:
-            logits = self.engine.step([row.engine_row for row in stepping], tokens)
+        rows = list(self._rows)
+        outcomes = advance(self.engine, [served.row for served in rows])
+        if any(isinstance(o, RowStep) and o.finish is None for o in outcomes):
             self.metrics.steps.inc()
-            for row, row_logits in zip(stepping, logits, strict=True):
-                row.logits = row_logits
+        for served, outcome in zip(rows, outcomes, strict=True):
+            if served not in self._rows:  # its job already failed through another of its rows
+                continue
+            if isinstance(outcome, Exception):
+                self._end_job(served.job, Failed(outcome))
+                continue
+            if outcome.token is not None:
+                self.metrics.tokens.inc()
+            served.report(outcome)
+            if outcome.finish is not None:
+                self._finish_row(served, outcome.finish)
 
-    def _finish_row(self, row: DecodeRow, reason: str) -> None:
-        self.engine.release(row.engine_row)
-        self._rows.remove(row)
+    def _finish_row(self, served: ServedRow, reason: str) -> None:
+        self.engine.release(served.row.engine_row)
+        self._rows.remove(served)
         self.metrics.running_rows.set(len(self._rows))
-        row.finish(RowEnd(reason, tuple(row.ids)))
-        job = row.job
+        served.finish(reason)
+        job = served.job
         job.open_rows -= 1
         with self._cond:
             self._reserved -= 1

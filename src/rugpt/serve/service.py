@@ -6,6 +6,7 @@ It is also the API other routers use (`app.state.service`): `await service.compl
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -14,9 +15,9 @@ from pathlib import Path
 from rugpt.errors import UsageError
 from rugpt.generation import Completion, GenerationSettings
 from rugpt.models import LoadedModel
-from rugpt.serve.errors import APIError, bad_request
+from rugpt.serve.errors import APIError, api_error, bad_request
 from rugpt.serve.jobs import DecodeRequest, Event, Failed, Finished, Piece, RowSpec, Started
-from rugpt.serve.scheduler import BatchScheduler, Ticket
+from rugpt.serve.scheduler import BatchScheduler, Refused, Ticket
 from rugpt.serve.schemas import ChatMessage, SamplingRequest
 from rugpt.serve.settings import ServerSettings
 from rugpt.serve.trained import TrainedPrompts, unknown_prompt_message
@@ -45,6 +46,14 @@ def render_chat(messages: list[ChatMessage]) -> str:
     return "\n".join(lines)
 
 
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class GenerationService:
     """The loaded model, its trained prompts and the scheduler, with the server's limits applied."""
 
@@ -67,6 +76,9 @@ class GenerationService:
         """Token ids of one prompt (under a trained prompt when named); an empty text starts from end-of-text."""
         if len(text) > self.max_prompt_tokens * MAX_CHARS_PER_TOKEN:
             raise self._too_long(f"{len(text)} characters")
+        if not _is_unicode(text):  # JSON can carry lone surrogates ("\ud800"); the tokenizer cannot take them
+            raise bad_request("the prompt holds a lone surrogate (\\ud800-\\udfff), which is not a character; "
+                              "send valid Unicode", param="prompt")
         if trained_prompt is not None:
             if self.prompts is None:
                 raise bad_request(unknown_prompt_message(trained_prompt, []), param="trained_prompt")
@@ -121,7 +133,8 @@ class GenerationService:
         per_row = [ids for ids in prompts for _ in range(settings.num_return_sequences)]
         specs = [RowSpec(ids, None if seed is None else seed + r) for r, ids in enumerate(per_row)]
         embed = self.prompts.embed if trained_prompt is not None and self.prompts is not None else None
-        return DecodeRequest(specs, settings.sampling_params(), max_new, settings.stop, stream, embed)
+        row_settings = dataclasses.replace(settings.row_settings(), max_new_tokens=max_new)
+        return DecodeRequest(specs, row_settings, stream, embed)
 
     def _too_long(self, size: str) -> APIError:
         return bad_request(f"the prompt has {size}; this server takes at most {self.max_prompt_tokens} tokens "
@@ -130,7 +143,11 @@ class GenerationService:
     # --- following a submitted request --------------------------------------------------------------------------
 
     def submit(self, request: DecodeRequest, key: str | None = None, request_id: str | None = None) -> Ticket:
-        return self.scheduler.submit(request, key, request_id)
+        """Queue `request`; raises APIError (429, 409, 503) when the scheduler cannot take it."""
+        try:
+            return self.scheduler.submit(request, key, request_id)
+        except Refused as exc:
+            raise api_error(exc) from None
 
     def deadline(self) -> float:
         return time.monotonic() + self.settings.request_timeout
@@ -157,7 +174,7 @@ class GenerationService:
                     yield QueueUpdate(*ticket.queue_position())
                 continue
             if isinstance(event, Failed):
-                raise event.error
+                raise api_error(event.error)
             started = started or isinstance(event, Started)
             finished += isinstance(event, Finished)
             yield event
