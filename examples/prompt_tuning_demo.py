@@ -22,9 +22,9 @@ from pathlib import Path
 
 from rugpt.generation import GenerationSettings, Generator
 from rugpt.models import LoadedModel, load
-from rugpt.prompts.format import PromptFormat
 from rugpt.prompts.losses import evaluate
 from rugpt.prompts.preprocessing import Text2TextPreprocessor
+from rugpt.prompts.prompt_format import PromptFormat
 from rugpt.prompts.tasks import JOKE_COLLECTIONS, joke_rows, qa_rows
 from rugpt.prompts.training import PromptTuningSettings, prompt_tune
 
@@ -52,7 +52,8 @@ class DemoSettings:
 def heldout_loss(loaded: LoadedModel, template: str, rows: list[dict], target: str, truncation: str | None = None,
                  batch_size: int = 8) -> float:
     """Mean cross-entropy per target token on `rows` formatted with `template` (the model may be patched)."""
-    pre = Text2TextPreprocessor(PromptFormat(template), loaded.tokenizer, target, max_tokens=loaded.context_length,
+    fmt = PromptFormat(template, tokenizer=loaded.tokenizer)
+    pre = Text2TextPreprocessor(fmt, loaded.tokenizer, target, max_tokens=loaded.context_length,
                                 truncation_field=truncation)
     processed = [pre(row) for row in rows]
     collate = pre.collate_fn()
@@ -103,7 +104,7 @@ def run_qa(loaded: LoadedModel, s: DemoSettings) -> dict:
         losses[name] = heldout_loss(loaded, template, held_out, "answer", "context")
     generator = Generator(loaded)
     shown = held_out[:: max(1, len(held_out) // 5)][:5]
-    fit = PromptFormat(QA_BASELINES["instruction"])
+    fit = PromptFormat(QA_BASELINES["instruction"], tokenizer=loaded.tokenizer)
     samples = [{
         "question": row["question"], "gold": row["answer"],
         "trained prompt": generate(generator, result.prompt(_fitted(result.prompt.format, loaded, row)), 0, False),

@@ -3,7 +3,7 @@ from transformers import AutoTokenizer
 
 from rugpt.errors import UsageError
 from rugpt.models import BUNDLED_DIR
-from rugpt.prompts.format import PROMPT_TOKEN, MissingFieldError, PromptFormat
+from rugpt.prompts.prompt_format import PROMPT_TOKEN, MissingFieldError, PromptFormat
 
 P = PROMPT_TOKEN
 
@@ -15,16 +15,16 @@ def tokenizer():
     return tok
 
 
-def test_issue_example_formats_keyword_fields():
-    f = PromptFormat("<P*4>{passage}<P*4>{question}<P*4>")
+def test_issue_example_formats_keyword_fields(tokenizer):
+    f = PromptFormat("<P*4>{passage}<P*4>{question}<P*4>", tokenizer=tokenizer)
     text = f(passage="Земля круглая.", question="Круглая ли Земля?")
     assert text == P * 4 + "Земля круглая." + P * 4 + "Круглая ли Земля?" + P * 4
     assert f.prompt_length == 12
     assert f.fields == ("passage", "question")
 
 
-def test_dict_batch_and_ranges_point_at_the_values():
-    f = PromptFormat("<P>Вопрос: {question}\n<P*2>{answer}")
+def test_dict_batch_and_ranges_point_at_the_values(tokenizer):
+    f = PromptFormat("<P>Вопрос: {question}\n<P*2>{answer}", tokenizer=tokenizer)
     items = [{"question": "Где?", "answer": "Там"}, {"question": "Кто {он}?", "answer": "Я"}]
     texts, ranges = f(items, return_ranges=True)
     assert texts[1] == P + "Вопрос: Кто {он}?\n" + P * 2 + "Я"
@@ -34,8 +34,8 @@ def test_dict_batch_and_ranges_point_at_the_values():
     assert f(items[0]) == texts[0]
 
 
-def test_literal_braces_and_unicode_field_names():
-    f = PromptFormat("{{json}} <P*2>{вопрос}")
+def test_literal_braces_and_unicode_field_names(tokenizer):
+    f = PromptFormat("{{json}} <P*2>{вопрос}", tokenizer=tokenizer)
     assert f(вопрос="да") == "{json} " + P * 2 + "да"
 
 
@@ -50,8 +50,8 @@ def test_text_slot_counts_tokens_and_records_their_ids(tokenizer):
     assert f(question="Где?") == P * len(ids) + "Где?" + P * 2
 
 
-def test_missing_field_is_a_key_error_naming_it():
-    f = PromptFormat("<P*2>{passage}<P>{question}")
+def test_missing_field_is_a_key_error_naming_it(tokenizer):
+    f = PromptFormat("<P*2>{passage}<P>{question}", tokenizer=tokenizer)
     with pytest.raises(KeyError) as info:
         f(passage="текст")
     assert isinstance(info.value, MissingFieldError)
@@ -82,19 +82,19 @@ def test_compiled_template_loads_back_to_the_same_format(tokenizer):
     assert again(text="абв") == f(text="абв")
 
 
-def test_field_value_holding_the_prompt_token_is_rejected():
+def test_field_value_holding_the_prompt_token_is_rejected(tokenizer):
     with pytest.raises(UsageError, match="prompt token"):
-        PromptFormat("<P*2>{text}")(text=f"hi {P}")
+        PromptFormat("<P*2>{text}", tokenizer=tokenizer)(text=f"hi {P}")
 
 
-def test_set_key_gives_the_prompt_its_own_token():
-    f = PromptFormat("<P*2>{text}")
+def test_set_key_gives_the_prompt_its_own_token(tokenizer):
+    f = PromptFormat("<P*2>{text}", tokenizer=tokenizer)
     f.set_key("qa")
     assert f(text="x") == "<|[qa]P|>" * 2 + "x"
 
 
 def test_truncate_cuts_the_named_field_so_the_row_fits(tokenizer):
-    f = PromptFormat("<P*3>{passage}<P*2>{question}")
+    f = PromptFormat("<P*3>{passage}<P*2>{question}", tokenizer=tokenizer)
     item = {"passage": "Мороз и солнце; день чудесный! Ещё ты дремлешь, друг прелестный. " * 4, "question": "Кто?"}
     full = len(tokenizer(f(item), add_special_tokens=False)["input_ids"])
     cut = f.truncate(item, tokenizer, max_tokens=full - 10, field="passage", reserve_tokens=2)

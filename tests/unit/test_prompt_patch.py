@@ -120,7 +120,7 @@ def test_save_and_load_round_trip_keeps_the_provider_kind(lm, tmp_path, make):
     text = prompt(**QA)
     reference = logits(lm, encode(lm, [text]))
     saved = prompt.save_pretrained(tmp_path / "p")
-    assert set(saved.files) == {"prompt.json", "prompt_provider.safetensors"}
+    assert set(saved.files) == {"prompt.json", "prompt_provider.safetensors", "prompt_provider.bin"}
     assert saved.size_bytes == sum(f.stat().st_size for f in (tmp_path / "p").iterdir())
     prompt.unpatch()
 
@@ -158,7 +158,7 @@ def test_a_prompt_saved_by_ruprompts_loads_and_applies(lm, tmp_path):
 def test_a_ruprompts_bin_with_pickled_objects_is_refused(tmp_path):
     folder = write_ruprompts_folder(tmp_path / "evil", torch.zeros(4, 8))
     torch.save({"weights": torch.zeros(4, 8), "payload": ValueError("not a tensor")}, folder / "prompt_provider.bin")
-    with pytest.raises(DataError, match="only plain tensors"):
+    with pytest.raises(DataError, match="objects other than tensors.*weights-only loader"):
         Prompt.from_pretrained(folder)
 
 
@@ -208,10 +208,13 @@ def test_text_slots_start_from_the_embeddings_of_their_tokens(lm):
     torch.testing.assert_close(prompt.provider.weights.detach()[: len(ids)], table[ids])
 
 
-def test_render_puts_a_user_text_where_the_format_wants_it():
-    assert Prompt("<P*2>").render("Заходит улитка") == "<|P|>" * 2 + "Заходит улитка"
-    assert Prompt("<P>{text}<P>").render("да") == "<|P|>да<|P|>"
-    two = Prompt("<P>{context}<P>{question}")
+def test_render_puts_a_user_text_where_the_format_wants_it(lm):
+    def prompt(template):
+        return Prompt(PromptFormat(template, tokenizer=lm.tokenizer))
+
+    assert prompt("<P*2>").render("Заходит улитка") == "<|P|>" * 2 + "Заходит улитка"
+    assert prompt("<P>{text}<P>").render("да") == "<|P|>да<|P|>"
+    two = prompt("<P>{context}<P>{question}")
     assert two.render('{"context": "Трава зелёная.", "question": "Какая?"}') == "<|P|>Трава зелёная.<|P|>Какая?"
     with pytest.raises(UsageError, match='JSON object such as {"context": "...", "question": "..."}'):
         two.render("просто текст")

@@ -1,4 +1,5 @@
-"""`rugpt prompt-tune`: train a prompt on a frozen model."""
+"""`rugpt prompt-tune`: train a prompt on a frozen model (the jobs of ruPrompts' `ruprompts-train`; the mapping of
+its Hydra options to these flags is in docs/prompt_tuning.md)."""
 
 from __future__ import annotations
 
@@ -18,23 +19,33 @@ def _tune_help(name: str) -> str:
 
 @command
 def prompt_tune(
-    data: Annotated[Path, typer.Argument(help="training rows: JSONL, one JSON object per line")],
+    data: Annotated[Path, typer.Argument(help="training rows: JSONL (one JSON object per line), or CSV / TSV with a "
+                                              "header row")],
     template: Annotated[str, typer.Option("--format", help=_tune_help("format"))],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="folder for the prompt, history.json and loss.png")] = (
         Path("prompt")),
     model: ModelOpt = None,
-    eval_data: Annotated[Optional[Path], typer.Option("--eval", help="held-out rows (JSONL)")] = None,
+    eval_data: Annotated[Optional[Path], typer.Option("--eval", help="held-out rows (JSONL, CSV or TSV)")] = None,
     target_field: Annotated[Optional[str], typer.Option(help=_tune_help("target_field"))] = None,
     task: Annotated[Optional[str], typer.Option(help=_tune_help("task"))] = None,
     label: Annotated[Optional[list[str]], typer.Option(help=_tune_help("labels") + " (repeatable)")] = None,
     provider: Annotated[Optional[str], typer.Option(help=_tune_help("provider"))] = None,
+    init: Annotated[Optional[str], typer.Option(help=_tune_help("init"))] = None,
     init_text: Annotated[Optional[str], typer.Option(help=_tune_help("init_text"))] = None,
+    hidden_dim: Annotated[Optional[int], typer.Option(help=_tune_help("hidden_dim"))] = None,
+    input_dim: Annotated[Optional[int], typer.Option(help=_tune_help("input_dim"))] = None,
+    num_lstm_layers: Annotated[Optional[int], typer.Option(help=_tune_help("num_lstm_layers"))] = None,
     max_tokens: Annotated[Optional[int], typer.Option(help=_tune_help("max_tokens"))] = None,
     truncation_field: Annotated[Optional[str], typer.Option(help=_tune_help("truncation_field"))] = None,
     epochs: Annotated[Optional[int], typer.Option(help=_tune_help("epochs"))] = None,
     max_steps: Annotated[Optional[int], typer.Option(help=_tune_help("max_steps"))] = None,
     batch_size: Annotated[Optional[int], typer.Option(help=_tune_help("batch_size"))] = None,
+    gradient_accumulation_steps: Annotated[Optional[int], typer.Option(
+        help=_tune_help("gradient_accumulation_steps"))] = None,
     learning_rate: Annotated[Optional[float], typer.Option("--lr", help=_tune_help("learning_rate"))] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(help=_tune_help("warmup_steps"))] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help=_tune_help("scheduler"))] = None,
+    restart_steps: Annotated[Optional[int], typer.Option(help=_tune_help("restart_steps"))] = None,
     eval_fraction: Annotated[Optional[float], typer.Option(help=_tune_help("eval_fraction"))] = None,
     patience: Annotated[Optional[int], typer.Option(help=_tune_help("patience"))] = None,
     seed: Annotated[Optional[int], typer.Option(help=_tune_help("seed"))] = None,
@@ -46,9 +57,12 @@ def prompt_tune(
     from rugpt.prompts.training import prompt_tune as run
 
     given = {"target_field": target_field, "task": task, "labels": tuple(label) if label else None,
-             "provider": provider, "init_text": init_text, "max_tokens": max_tokens,
+             "provider": provider, "init": init, "init_text": init_text, "hidden_dim": hidden_dim,
+             "input_dim": input_dim, "num_lstm_layers": num_lstm_layers, "max_tokens": max_tokens,
              "truncation_field": truncation_field, "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size,
-             "learning_rate": learning_rate, "eval_fraction": eval_fraction, "patience": patience, "seed": seed}
+             "gradient_accumulation_steps": gradient_accumulation_steps, "learning_rate": learning_rate,
+             "warmup_steps": warmup_steps, "scheduler": scheduler, "restart_steps": restart_steps,
+             "eval_fraction": eval_fraction, "patience": patience, "seed": seed}
     settings = PromptTuningSettings(format=template, **{k: v for k, v in given.items() if v is not None})
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err) as progress:

@@ -1,5 +1,10 @@
 """Prompt tuning: train a prompt's provider on a frozen model (text2text or classification).
 
+The jobs of ruPrompts' `ruprompts-train` (a Hydra command) in one function and `rugpt prompt-tune`: the
+same format syntax, provider kinds and settings, text2text data with target and truncation fields, data
+as JSONL, CSV or TSV with an optional validation file, AdamW with a linear, constant or cosine-restarts
+schedule (docs/prompt_tuning.md maps each of its config options to a setting here).
+
 Only the provider's parameters are given to the optimizer and only they require gradients, so the
 model's weights stay bit-identical. Each epoch ends with held-out metrics; the best epoch's prompt is
 kept, training stops early after `patience` epochs without improvement, and the folder gets the prompt,
@@ -11,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -24,11 +30,11 @@ import torch
 
 from rugpt.errors import DataError, RugptError, UsageError
 from rugpt.models import LoadedModel, load
-from rugpt.prompts.format import PromptFormat
 from rugpt.prompts.losses import EvalMetrics, classification_loss, evaluate, text2text_loss
-from rugpt.prompts.preprocessing import ClassificationPreprocessor, Text2TextPreprocessor
+from rugpt.prompts.preprocessing import ClassificationPreprocessor, Text2TextPreprocessor, pad_right, pad_token_id
 from rugpt.prompts.prompt import Prompt
-from rugpt.prompts.providers import PROVIDERS, BasePromptProvider
+from rugpt.prompts.prompt_format import PromptFormat
+from rugpt.prompts.prompt_provider import PROVIDERS, BasePromptProvider, ProviderInit
 from rugpt.prompts.storage import SavedPrompt
 
 log = logging.getLogger(__name__)
@@ -40,6 +46,8 @@ class TaskKind(str, Enum):
 
 
 ProviderKind = Literal["tensor", "lstm", "mlp"]
+SchedulerKind = Literal["linear", "constant", "cosine_restarts"]
+SCHEDULERS = ("linear", "constant", "cosine_restarts")
 # Tensor rows move freely at a large rate; the networks of LSTM/MLP providers need the usual small one.
 DEFAULT_LEARNING_RATE: dict[str, float] = {"tensor": 3e-2, "lstm": 1e-3, "mlp": 1e-3}
 
@@ -55,17 +63,27 @@ class PromptTuningSettings:
     labels: tuple[str, ...] = field(default=(), metadata={
         "help": "classification: the label words, e.g. «Да» and «Нет» (default: the values seen in the data)"})
     provider: ProviderKind = field(default="tensor", metadata={"help": "tensor | lstm | mlp"})
+    init: str = field(default="vocab", metadata={"help": "tensor provider: where rows start: vocab (random "
+                                                         "vocabulary embeddings) | random (N(0, 1)) | random_scaled"})
     init_text: str | None = field(default=None, metadata={"help": "tensor provider: start from this text's "
                                                                    "embeddings (repeated)"})
+    hidden_dim: int = field(default=-1, metadata={"help": "lstm / mlp provider: hidden size (-1: the model's)"})
+    input_dim: int = field(default=-1, metadata={"help": "lstm / mlp provider: input size (-1: the model's)"})
+    num_lstm_layers: int = field(default=2, metadata={"help": "lstm provider: number of LSTM layers"})
     max_tokens: int | None = field(default=None, metadata={"help": "longest sequence in tokens (default: the "
                                                                     "model's context)"})
     truncation_field: str | None = field(default=None, metadata={"help": "field cut at its end to fit max_tokens"})
     epochs: int = field(default=5, metadata={"help": "passes over the training rows"})
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
-    batch_size: int = field(default=8, metadata={"help": "rows per step"})
+    batch_size: int = field(default=8, metadata={"help": "rows per batch"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "batches per optimizer step"})
     learning_rate: float | None = field(default=None, metadata={
         "help": "AdamW learning rate (default: 0.03 for tensor, 0.001 for lstm and mlp)"})
-    warmup_steps: int = field(default=10, metadata={"help": "steps of linear warm-up, then linear decay to 0"})
+    warmup_steps: int = field(default=10, metadata={"help": "steps of linear warm-up (at most a tenth of the run)"})
+    scheduler: SchedulerKind = field(default="linear", metadata={
+        "help": "after warm-up: linear (decay to 0) | constant | cosine_restarts"})
+    restart_steps: int | None = field(default=None, metadata={
+        "help": "cosine_restarts: steps of the first cycle, each next one twice as long (default: the whole run)"})
     eval_fraction: float = field(default=0.1, metadata={"help": "share of rows held out when no eval data is given"})
     patience: int | None = field(default=2, metadata={"help": "stop after this many epochs without a better "
                                                                "held-out loss; 0 never stops early"})
@@ -77,6 +95,13 @@ class PromptTuningSettings:
         checks = [
             (isinstance(self.task, TaskKind), f"task={self.task!r} must be one of {', '.join(TaskKind)}"),
             (self.provider in PROVIDERS, f"provider={self.provider!r} must be one of {', '.join(PROVIDERS)}"),
+            (self.init in {i.value for i in ProviderInit} - {"text"},
+             f"init={self.init!r} must be one of vocab, random, random_scaled (or give init_text)"),
+            (self.init == "vocab" or self.provider == "tensor", f"init={self.init!r} needs provider='tensor'"),
+            (self.scheduler in SCHEDULERS, f"scheduler={self.scheduler!r} must be one of {', '.join(SCHEDULERS)}"),
+            (self.restart_steps is None or self.restart_steps >= 1, f"restart_steps={self.restart_steps} must be >= 1"),
+            (self.gradient_accumulation_steps >= 1,
+             f"gradient_accumulation_steps={self.gradient_accumulation_steps} must be >= 1"),
             (self.epochs >= 1, f"epochs={self.epochs} must be >= 1"),
             (self.max_steps is None or self.max_steps >= 1, f"max_steps={self.max_steps} must be >= 1"),
             (self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1"),
@@ -97,8 +122,10 @@ class PromptTuningSettings:
 
     def make_provider(self) -> BasePromptProvider:
         if self.provider == "tensor":
-            return PROVIDERS["tensor"](init_text=self.init_text)
-        return PROVIDERS[self.provider]()
+            return PROVIDERS["tensor"](init=self.init, init_text=self.init_text)
+        if self.provider == "lstm":
+            return PROVIDERS["lstm"](self.hidden_dim, self.input_dim, self.num_lstm_layers)
+        return PROVIDERS[self.provider](self.hidden_dim, self.input_dim)
 
 
 @dataclass
@@ -144,7 +171,8 @@ def prompt_tune(data: str | Path | list[dict], settings: PromptTuningSettings,
                 model: LoadedModel | str | None = None, eval_data: str | Path | list[dict] | None = None,
                 out: str | Path | None = None, on_step: Callable[[StepInfo], None] | None = None,
                 on_epoch: Callable[[EpochReport], None] | None = None) -> PromptTuningResult:
-    """Train a prompt on `data` (a JSONL path or a list of dicts) with a frozen `model`; save it to `out`.
+    """Train a prompt on `data` (a JSONL, CSV or TSV path, or a list of dicts) with a frozen `model`; save it
+    to `out`.
 
     The model's weights never change; it stays patched with the trained prompt (the best epoch's), so it
     generates with it at once. Rows lacking a field raise DataError naming the row (its index in the file).
@@ -160,7 +188,7 @@ def prompt_tune(data: str | Path | list[dict], settings: PromptTuningSettings,
     given = None if eval_rows is None else _preprocess(preprocessor, eval_rows, _name(eval_data, "eval data"))
     train, held_out = _split(processed, given, settings)
     with _only_prompt_trains(loaded.model, prompt):
-        result = _train_loop(loaded.model, prompt, train, held_out, preprocessor.collate_fn(), settings, on_step,
+        result = _train_loop(loaded.model, prompt, train, held_out, _collate(preprocessor), settings, on_step,
                              on_epoch)
     if out is not None:
         result.saved = prompt.save_pretrained(out)
@@ -174,11 +202,14 @@ def _train_loop(model, prompt: Prompt, train: list, held_out: list, collate, set
                 on_step, on_epoch) -> PromptTuningResult:
     classification = settings.task is TaskKind.classification
     loss_fn = classification_loss if classification else text2text_loss
-    steps_per_epoch = -(-len(train) // settings.batch_size)
+    accumulate = settings.gradient_accumulation_steps
+    batches_per_epoch = math.ceil(len(train) / settings.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / accumulate)
     total = min(settings.max_steps or steps_per_epoch * settings.epochs, steps_per_epoch * settings.epochs)
     optimizer = torch.optim.AdamW(list(prompt.parameters()), lr=settings.lr, weight_decay=0.0)
     warmup = min(settings.warmup_steps, total // 10)  # a short run must not spend itself warming up
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_then_decay(warmup, total))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(settings.scheduler, warmup, total,
+                                                                      settings.restart_steps))
     order = torch.Generator().manual_seed(settings.seed)
     epochs, step_losses, step = [], [], 0
     best_loss, best_epoch, best_state, stale = float("inf"), 0, None, 0
@@ -186,16 +217,20 @@ def _train_loop(model, prompt: Prompt, train: list, held_out: list, collate, set
     initial = _evaluate(model, held_out, collate, settings.batch_size, classification)
     for epoch in range(1, settings.epochs + 1):
         started, epoch_losses = time.perf_counter(), []
-        for index in torch.randperm(len(train), generator=order).split(settings.batch_size):
-            loss_sum, count = loss_fn(model, collate([train[i] for i in index.tolist()]))
-            loss = loss_sum / max(count, 1)
+        batches = torch.randperm(len(train), generator=order).split(settings.batch_size)
+        for first in range(0, len(batches), accumulate):
+            group = batches[first : first + accumulate]
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            value = 0.0
+            for index in group:  # the step's loss: the mean over its batches of each batch's mean loss
+                loss_sum, count = loss_fn(model, collate([train[i] for i in index.tolist()]))
+                loss = loss_sum / max(count, 1) / len(group)
+                loss.backward()
+                value += loss.detach().item()
             torch.nn.utils.clip_grad_norm_(list(prompt.parameters()), 1.0)
             optimizer.step()
             schedule.step()
             step += 1
-            value = loss.detach().item()
             step_losses.append(value)
             epoch_losses.append(value)
             if on_step:
@@ -232,13 +267,33 @@ def _evaluate(model, rows: list, collate, batch_size: int, classification: bool)
     return evaluate(model, batches, classification)
 
 
-def _warmup_then_decay(warmup: int, total: int) -> Callable[[int], float]:
+def lr_factor(kind: str, warmup: int, total: int, restart_steps: int | None = None) -> Callable[[int], float]:
+    """The learning rate's multiplier at each step: linear warm-up, then linear decay to 0 (transformers'
+    get_linear_schedule_with_warmup), constant (get_constant_schedule_with_warmup), or cosine cycles of
+    `restart_steps`, each twice the previous (torch's CosineAnnealingWarmRestarts with T_mult=2)."""
+    cycle = restart_steps or max(1, total - warmup)
+
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        if kind == "cosine_restarts":
+            t, length = step - warmup, cycle
+            while t >= length:
+                t, length = t - length, length * 2
+            return 0.5 * (1 + math.cos(math.pi * t / length))
         return max(0.0, (total - step) / max(1, total - warmup))
 
     return factor
+
+
+def _collate(preprocessor) -> Callable[[list], dict[str, torch.Tensor]]:
+    """Right-padded batches: rugpt's loss reads labels, so no position ids are needed for left padding."""
+    if isinstance(preprocessor, ClassificationPreprocessor):
+        return preprocessor.collate_fn()
+    pad = pad_token_id(preprocessor.tokenizer)
+    return lambda rows: pad_right(rows, pad)
 
 
 @contextmanager
@@ -260,12 +315,29 @@ def _only_prompt_trains(model, prompt: Prompt) -> Iterator[None]:
 
 
 def _rows(data: str | Path | list[dict], what: str) -> list[dict]:
+    rows = read_rows(data) if isinstance(data, str | Path) else list(data)
+    if not rows:
+        raise DataError(f"{what} has no rows: give a JSONL file with one JSON object per line, or a CSV / TSV "
+                        f"file with a header row")
+    return rows
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """Rows of a data file by its suffix: .jsonl / .json (one JSON object per line), .csv, .tsv (a header row
+    names the fields) — the files of ruPrompts' from_jsonl, from_csv and from_tsv datasets."""
+    import csv
+
     from rugpt.jsonl import read_jsonl
 
-    rows = read_jsonl(data) if isinstance(data, str | Path) else list(data)
-    if not rows:
-        raise DataError(f"{what} has no rows: give a JSONL file with one JSON object per line")
-    return rows
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".tsv"):
+        return read_jsonl(path)
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            return [dict(row) for row in csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"cannot read {str(path)!r} as {suffix[1:].upper()}: {exc}") from None
 
 
 def _name(data: str | Path | list[dict], default: str) -> str:

@@ -1,4 +1,4 @@
-"""PromptFormat: where the trainable prompt tokens go among the fields of a data row (the ruPrompts syntax).
+"""Prompt formats: where the trainable prompt tokens go among the fields of a row (ruprompts.prompt_format).
 
     <P>             one trainable token
     <P*N>           N trainable tokens
@@ -6,32 +6,41 @@
     {field}         the value of a field of the row ({{ and }} are literal braces)
     anything else   literal text
 
-Every trainable token is written as the same prompt token ("<|P|>", as in ruPrompts); the patched
-embedding layer replaces the k-th one in a row with the k-th row of the provider's matrix.
+Every trainable token is written as the same prompt token ("<|P|>", or "<|[key]P|>" under a MultiPrompt
+key); the patched embedding layer replaces the k-th one in a row with the k-th row of the provider.
+
+As in ruPrompts, a format is usable once `initialize(tokenizer)` has run (Prompt.patch does it), or when
+it was built with `compiled_template=` (a loaded prompt): before that `is_initialized` is False,
+`prompt_length` and `init_tokens` are None and formatting raises UserWarning. rugpt adds: templates are
+checked when built (a malformed slot names its position), a missing field names the row's fields,
+`fields`, and `truncate` (cut one field so a row fits).
 """
 
 from __future__ import annotations
 
+import abc
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from rugpt.errors import RugptError, UsageError
+from rugpt.errors import UsageError
+from rugpt.prompts.errors import MissingFieldError, PromptUsageError
 
+# ruPrompts' module constants, with the same values.
 PROMPT_TOKEN = "<|P|>"
-PROMPT_TOKEN_FOR_KEY = "<|[{key}]P|>"  # MultiPrompt gives every prompt its own token, as ruPrompts does
+PROMPT_TOKEN_FOR_KEY = "<|[{key}]P|>"
+PROMPT_TOKEN_SERIAL = "<|P[{serial}]|>"
+PROMPT_TOKEN_SERIAL_FOR_KEY = "<|[{key}]P[{serial}]|>"
+PROMPT_TOKEN_SHORT = "<P>"
+PROMPT_TOKEN_REPEATED_REGEX = re.compile(r"<P\*(\d+)>")
+PROMPT_LITERAL_REGEX = re.compile(r"<P>(?P<sequence>.+?)</P>")
 
-_REPEATED = re.compile(r"<P\*(\d+)>")
 _FIELD = re.compile(r"\{\s*([^\W\d]\w*)\s*\}")
 _SLOT_HELP = "use <P>, <P*N> with N >= 1, or <P>text</P>"
 
-
-class MissingFieldError(RugptError, KeyError):
-    """A row lacks a field the format needs; the message names the field and what the row has."""
-
-    def __str__(self) -> str:  # KeyError would show the message in quotes
-        return str(self.args[0])
+__all__ = ["BasePromptFormat", "MissingFieldError", "PromptFormat", "PromptFormatSafe", "PROMPT_TOKEN",
+           "PROMPT_TOKEN_FOR_KEY"]
 
 
 @dataclass(frozen=True)
@@ -69,12 +78,12 @@ def parse_template(template: str, prompt_token: str = PROMPT_TOKEN) -> list[Segm
 
     while i < len(template):
         rest = template[i:]
-        if rest.startswith(prompt_token):  # a compiled template (ruPrompts' prompt.json) holds the token itself
+        if rest.startswith(prompt_token):  # a compiled template (prompt.json) holds the token itself
             flush()
             segments.append(Slot(1))
             i += len(prompt_token)
         elif rest.startswith("<P*"):
-            match = _REPEATED.match(template, i)
+            match = PROMPT_TOKEN_REPEATED_REGEX.match(template, i)
             if not match or int(match.group(1)) < 1:
                 raise UsageError(f"malformed slot at position {i} of {template!r}: {_snippet(template, i)!r}; "
                                  f"{_SLOT_HELP}")
@@ -127,15 +136,79 @@ def _snippet(template: str, i: int) -> str:
     return template[i : end + 1] if end != -1 and end - i < 20 else template[i : i + 12]
 
 
-class PromptFormat:
+class BasePromptFormat(abc.ABC):
+    """Base class for all prompt formats (ruPrompts' interface)."""
+
+    def __call__(self, items: Mapping[str, Any] | list[Mapping[str, Any]] | None = None,
+                 return_ranges: bool = False, **kwargs: Any):
+        """Format one row (a dict, or keyword fields) or a batch (a list of dicts).
+
+        Returns the string, or with `return_ranges=True` the string and each field's character span as a
+        slice; for a list, a list of strings (and a list of span dicts).
+        """
+        if items is None:
+            items = kwargs
+        if isinstance(items, list):
+            return self.batch_format(items, return_ranges)
+        return self.format(items, return_ranges)
+
+    @abc.abstractmethod
+    def format(self, item: Mapping[str, Any], return_ranges: bool = False):
+        """Format one row into a string (and its field spans with `return_ranges=True`)."""
+
+    def batch_format(self, items: list[Mapping[str, Any]], return_ranges: bool = False):
+        results = []
+        for index, item in enumerate(items):
+            try:
+                results.append(self.format(item, return_ranges=return_ranges))
+            except MissingFieldError as exc:
+                raise MissingFieldError(f"item {index}: {exc}") from None
+        if return_ranges:
+            return [r[0] for r in results], [r[1] for r in results]
+        return results
+
+    @property
+    @abc.abstractmethod
+    def prompt_length(self) -> int | None:
+        """Count of prompt tokens."""
+
+    @abc.abstractmethod
+    def as_dict(self) -> dict[str, Any]:
+        """Such a dict `d` that `type(self)(**d)` is an identical format."""
+
+    @abc.abstractmethod
+    def initialize(self, tokenizer) -> None: ...
+
+    @abc.abstractmethod
+    def add_tokens(self, tokenizer) -> list[int]: ...
+
+    @abc.abstractmethod
+    def set_key(self, key: str | None) -> None: ...
+
+    @property
+    @abc.abstractmethod
+    def is_initialized(self) -> bool: ...
+
+    @property
+    @abc.abstractmethod
+    def prompt_tokens(self) -> list[str]: ...
+
+    @property
+    @abc.abstractmethod
+    def prompt_token_ids(self) -> list[int]: ...
+
+    @property
+    @abc.abstractmethod
+    def init_tokens(self) -> dict[int, int] | None: ...
+
+
+class PromptFormat(BasePromptFormat):
     """Arranges trainable prompt tokens and the fields of a row (see the module docstring for the syntax).
 
     >>> f = PromptFormat("<P*4>{passage}<P*4>{question}<P*4>")
+    >>> f.initialize(tokenizer)      # or PromptFormat(..., tokenizer=tokenizer), or Prompt.patch
     >>> f(passage="Земля круглая.", question="Круглая ли Земля?")[:10]
     '<|P|><|P|>'
-
-    `<P>text</P>` needs a tokenizer to know how many tokens it makes: pass `tokenizer=` or call
-    `initialize(tokenizer)` (Prompt.patch does it) before formatting.
     """
 
     def __init__(self, template: str, compiled_template: str | None = None, tokenizer=None):
@@ -147,6 +220,7 @@ class PromptFormat:
         self._prompt_token_ids: list[int] = []
         self._init_tokens: dict[int, int] = {}
         self._segments = parse_template(compiled_template or template)
+        self._is_initialized = compiled_template is not None
         if not any(isinstance(s, Slot | Field) for s in self._segments):
             raise UsageError(f"format {template!r} has neither trainable slots (<P>, <P*N>, <P>text</P>) nor fields "
                              f"({{name}}): there is nothing to tune and nothing to fill in")
@@ -156,35 +230,27 @@ class PromptFormat:
     # --- what the format holds -------------------------------------------------------------------------------
 
     @property
-    def fields(self) -> tuple[str, ...]:
-        """Names of the fields, in order of first appearance."""
-        return tuple(dict.fromkeys(s.name for s in self._segments if isinstance(s, Field)))
-
-    @property
-    def has_slots(self) -> bool:
-        return any(isinstance(s, Slot) for s in self._segments)
-
-    @property
     def is_initialized(self) -> bool:
-        """True once every slot's token count is known (always, unless <P>text</P> awaits a tokenizer)."""
-        return all(s.count is not None for s in self._segments if isinstance(s, Slot))
+        return self._is_initialized
 
     @property
     def prompt_length(self) -> int | None:
-        """How many trainable tokens the format holds; None until <P>text</P> slots have been tokenized."""
+        """How many trainable tokens the format holds; None until initialized."""
         if not self.is_initialized:
             return None
         return sum(s.count for s in self._segments if isinstance(s, Slot))
 
     @property
-    def init_tokens(self) -> dict[int, int]:
-        """Prompt position → token id whose embedding that position starts from (from <P>text</P>)."""
+    def init_tokens(self) -> dict[int, int] | None:
+        """Prompt position → the token id whose embedding it starts from (<P>text</P>); None until initialized."""
+        if not self.is_initialized:
+            return None
         return dict(self._init_tokens)
 
     @property
     def compiled_template(self) -> str:
         """The template with every slot written as prompt tokens: a str.format string."""
-        self._require_initialized()
+        self._require_initialized("compile")
         parts = []
         for s in self._segments:
             if isinstance(s, Slot):
@@ -203,50 +269,71 @@ class PromptFormat:
     def prompt_token_ids(self) -> list[int]:
         return list(self._prompt_token_ids)
 
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """Names of the fields, in order of first appearance (rugpt)."""
+        return tuple(dict.fromkeys(s.name for s in self._segments if isinstance(s, Field)))
+
+    @property
+    def has_slots(self) -> bool:
+        return any(isinstance(s, Slot) for s in self._segments)
+
     # --- set-up with a tokenizer ------------------------------------------------------------------------------
 
     def initialize(self, tokenizer) -> None:
-        """Count the tokens of each <P>text</P> with `tokenizer` and remember their ids for initialisation."""
-        if self.is_initialized:
-            return
-        segments, init_tokens, position = [], {}, 0
-        for s in self._segments:
-            if isinstance(s, Slot) and s.count is None:
-                ids = tokenizer(s.init_text, add_special_tokens=False)["input_ids"]
-                init_tokens.update({position + k: token_id for k, token_id in enumerate(ids)})
-                s = Slot(len(ids), s.init_text)
-            if isinstance(s, Slot):
-                position += s.count
-            segments.append(s)
-        self._segments, self._init_tokens = segments, init_tokens
+        """Compile the template: count the tokens of each <P>text</P> with `tokenizer` and remember their ids
+        as the start values of those positions. A no-op when already initialized."""
+        if not self._is_initialized:
+            segments, init_tokens, position = [], {}, 0
+            for s in self._segments:
+                if isinstance(s, Slot) and s.count is None:
+                    if tokenizer is None:
+                        raise UsageError(f"format {self.template!r} has <P>text</P> slots: initialize it with the "
+                                         f"model's tokenizer")
+                    ids = tokenizer(s.init_text, add_special_tokens=False)["input_ids"]
+                    init_tokens.update({position + k: token_id for k, token_id in enumerate(ids)})
+                    s = Slot(len(ids), s.init_text)
+                if isinstance(s, Slot):
+                    position += s.count
+                segments.append(s)
+            self._segments, self._init_tokens, self._is_initialized = segments, init_tokens, True
+        self.set_key(self.key)
 
-    def set_key(self, key: str | None) -> None:
+    def set_key(self, key: str | None = None) -> None:
         """Use the prompt token of `key` (MultiPrompt) or, with None, the plain one."""
         self.key = key
         self.prompt_token = PROMPT_TOKEN if key is None else PROMPT_TOKEN_FOR_KEY.format(key=key)
 
     def add_tokens(self, tokenizer) -> list[int]:
-        """Add the prompt token to `tokenizer` (a no-op if it is there) and return its id."""
+        """Add the prompt token to `tokenizer` (a no-op if it is there); returns [its id]."""
         tokenizer.add_tokens([self.prompt_token])
         self._prompt_token_ids = [tokenizer.convert_tokens_to_ids(self.prompt_token)]
         return self.prompt_token_ids
 
+    # ruPrompts' compilation steps, as string functions.
+    @staticmethod
+    def build_repeated_tokens(template: str, **kwargs: Any) -> str:
+        return PROMPT_TOKEN_REPEATED_REGEX.sub(lambda m: PROMPT_TOKEN * int(m.group(1)), template)
+
+    @staticmethod
+    def build_initialized_tokens(template: str, tokenizer, **kwargs: Any) -> tuple[str, dict[int, int]]:
+        init_tokens: dict[int, int] = {}
+        while match := PROMPT_LITERAL_REGEX.search(template):
+            ids = tokenizer(match["sequence"], add_special_tokens=False)["input_ids"]
+            before = template[: match.start()]
+            offset = before.count(PROMPT_TOKEN) + before.count(PROMPT_TOKEN_SHORT)
+            init_tokens.update({offset + k: token_id for k, token_id in enumerate(ids)})
+            template = template.replace(match.group(), PROMPT_TOKEN * len(ids), 1)
+        return template, init_tokens
+
+    @staticmethod
+    def build_regular_tokens(template: str, **kwargs: Any) -> str:
+        return template.replace(PROMPT_TOKEN_SHORT, PROMPT_TOKEN)
+
     # --- formatting -------------------------------------------------------------------------------------------
 
-    def __call__(self, items: Mapping[str, Any] | list[Mapping[str, Any]] | None = None,
-                 return_ranges: bool = False, **fields: Any):
-        """Format one row (keyword fields or a dict) or a batch (a list of dicts).
-
-        With `return_ranges=True` also returns, per row, each field's character span as a slice.
-        """
-        if items is None:
-            items = fields
-        if isinstance(items, list):
-            return self.batch_format(items, return_ranges)
-        return self.format(items, return_ranges)
-
     def format(self, item: Mapping[str, Any], return_ranges: bool = False):
-        self._require_initialized()
+        self._require_initialized("apply")
         parts: list[str] = []
         ranges: dict[str, slice] = {}
         length = 0
@@ -261,21 +348,10 @@ class PromptFormat:
         formatted = "".join(parts)
         return (formatted, ranges) if return_ranges else formatted
 
-    def batch_format(self, items: list[Mapping[str, Any]], return_ranges: bool = False):
-        results = []
-        for index, item in enumerate(items):
-            try:
-                results.append(self.format(item, return_ranges))
-            except MissingFieldError as exc:
-                raise MissingFieldError(f"item {index}: {exc}") from None
-        if return_ranges:
-            return [r[0] for r in results], [r[1] for r in results]
-        return results
-
     def truncate(self, item: Mapping[str, Any], tokenizer, max_tokens: int, field: str,
                  reserve_tokens: int = 0) -> dict[str, Any]:
         """A copy of `item` whose `field` is cut at its end, on a token boundary, so that the formatted row
-        plus `reserve_tokens` (say, the answer) fits in `max_tokens`.
+        plus `reserve_tokens` (say, the answer) fits in `max_tokens` (rugpt; for text, e.g. at inference).
 
         The tokenizer must know the prompt token (after `add_tokens`). Raises UsageError when even an
         empty field would not fit.
@@ -299,7 +375,18 @@ class PromptFormat:
 
     def as_dict(self) -> dict[str, str]:
         """What ruPrompts writes under "format" in prompt.json."""
-        return {"template": self.template, "compiled_template": self.compiled_template}
+        if not self.is_initialized:
+            raise PromptUsageError("PromptFormat should be initialized before serialization: call "
+                                   "format.initialize(tokenizer) or prompt.patch(model, tokenizer) first")
+        return {"template": self.template, "compiled_template": self._plain_compiled()}
+
+    def _plain_compiled(self) -> str:
+        """The compiled template with the plain prompt token, whatever key is set (as saved files hold it)."""
+        token, self.prompt_token = self.prompt_token, PROMPT_TOKEN
+        try:
+            return self.compiled_template
+        finally:
+            self.prompt_token = token
 
     def _value(self, item: Mapping[str, Any], name: str) -> str:
         value = item.get(name) if isinstance(item, Mapping) else None
@@ -313,10 +400,19 @@ class PromptFormat:
                              f"format may place")
         return text
 
-    def _require_initialized(self) -> None:
+    def _require_initialized(self, what: str) -> None:
         if not self.is_initialized:
-            raise UsageError(f"format {self.template!r} has <P>text</P> slots whose length depends on the tokenizer: "
-                             f"call prompt.patch(model, tokenizer) or format.initialize(tokenizer) first")
+            raise PromptUsageError(f"cannot {what} the non-initialized prompt format {self.template!r}: call "
+                                   f"prompt.patch(model, tokenizer) or format.initialize(tokenizer) first "
+                                   f"(ruPrompts: 'Applying a non-initialized prompt')")
 
     def __repr__(self) -> str:
         return f"PromptFormat({self.template!r})"
+
+
+class PromptFormatSafe(BasePromptFormat):
+    """Declared by ruPrompts 0.1.4 but never implemented there: abstract, so building one is a TypeError there
+    and here (and `Prompt.from_pretrained(..., as_safe=True)` with it); use PromptFormat."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        raise NotImplementedError("PromptFormatSafe is not implemented (in ruPrompts 0.1.4 neither); use PromptFormat")
