@@ -128,7 +128,9 @@ class Setup:
 def set_up(method: str, s: BenchSettings) -> Setup:
     """A fresh model with the method applied, its optimizer and the tokenized jokes."""
     from rugpt.models import load
-    from rugpt.prompts.tasks import joke_rows
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # the demo's ready-made tasks
+    from prompt_tasks import joke_rows
 
     loaded = load(s.model, device=s.device)
     tokenizer = loaded.tokenizer

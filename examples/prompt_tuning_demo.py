@@ -20,12 +20,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from prompt_tasks import JOKE_COLLECTIONS, joke_rows, qa_rows
+
 from rugpt.generation import GenerationSettings, Generator
 from rugpt.models import LoadedModel, load
 from rugpt.prompts.losses import evaluate
 from rugpt.prompts.preprocessing import Text2TextPreprocessor
 from rugpt.prompts.prompt_format import PromptFormat
-from rugpt.prompts.tasks import JOKE_COLLECTIONS, joke_rows, qa_rows
 from rugpt.prompts.training import PromptTuningSettings, prompt_tune
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -39,9 +39,13 @@ def test_generate_reads_stdin(tiny_model_dir):
 
 
 def test_generate_streams_prompt_then_text(tiny_model_dir):
+    from rugpt.generation import GenerationSettings, Generator
+
     result = run("generate", "Жили-были", "--model", str(tiny_model_dir), "--preset", "greedy", "--max-new-tokens", "4")
     assert result.exit_code == 0, result.output
-    assert result.stdout.startswith("Жили-были")
+    expected = Generator(str(tiny_model_dir)).generate("Жили-были", GenerationSettings.from_preset("greedy",
+                                                                                               max_new_tokens=4))
+    assert expected.text and result.stdout.rstrip("\n") == "Жили-были" + expected.text
 
 
 @pytest.mark.parametrize(
@@ -83,3 +87,9 @@ def test_tokenize_json(tiny_model_dir):
     assert result.exit_code == 0, result.output
     views = json.loads(result.stdout)
     assert "".join(v["text"] for v in views) == "Привет, мир"
+
+
+def test_tokenize_counts_the_characters_read_from_stdin(tiny_model_dir):
+    result = run("tokenize", "-", "--model", str(tiny_model_dir), stdin="Привет")
+    assert result.exit_code == 0, result.output
+    assert "6 characters" in result.stdout.replace("\n", " ")

@@ -69,7 +69,8 @@ def tokenize(
         from rugpt.models import load
 
         tokenizer = load(model).tokenizer  # raises the one-sentence ModelNotFound
-    views = describe_tokens(tokenizer, read_text_arg(text, None, "text"))
+    text = read_text_arg(text, None, "text")
+    views = describe_tokens(tokenizer, text)
     if as_json:
         out.print_json(json.dumps([dataclasses.asdict(v) for v in views], ensure_ascii=False))
         return
@@ -77,4 +78,4 @@ def tokenize(
     for i, v in enumerate(views):
         table.add_row(str(i), str(v.id), repr(v.text)[1:-1], v.symbol)
     out.print(table)
-    out.print(f"{len(views)} tokens, {len(text or '')} characters")
+    out.print(f"{len(views)} tokens, {len(text)} characters")
