@@ -165,3 +165,85 @@ def test_chromium_plays_three_turns_and_finds_them_after_reload(loaded, tmp_path
         shown = page.locator("#story .turn-action").all_text_contents()
         assert shown == [expected for _, _, expected in actions]
         assert "Вышеград" in page.locator("#story .opening").text_content()
+
+
+# --- the community's files on /play
+
+
+def card_png(tmp_path: Path) -> Path:
+    from unit._adventure_helpers import b64_json, card_v2, png_with_text
+
+    path = tmp_path / "miron.png"
+    path.write_bytes(png_with_text({"chara": b64_json(card_v2())}))
+    return path
+
+
+def upload(client, path: str, data: bytes, filename: str, token: str | None = None) -> httpx.Response:
+    headers = {"Content-Type": "application/octet-stream", **({TOKEN_HEADER: token} if token else {})}
+    return client.post(path, params={"filename": filename}, content=data, headers=headers)
+
+
+def test_cards_saves_and_lorebooks_over_http(loaded, tmp_path, monkeypatch):
+    import json
+
+    from rugpt.apps.adventure import formats
+    from unit._adventure_helpers import kobold_save, world_info
+
+    with live_server(loaded, tmp_path / "games.sqlite3") as url, httpx.Client(base_url=url, timeout=60) as client:
+        created = upload(client, "/play/api/adventures/import", card_png(tmp_path).read_bytes(), "miron.png")
+        assert created.status_code == 201, created.text
+        token, adventure = created.json()["token"], created.json()["adventure"]
+        assert adventure["title"] == "Мирон" and adventure["world"] == "Корчма у дороги, ночь."
+        act(client, token, "я сажусь за стол")
+        for fmt in formats.Format:
+            exported = client.get("/play/api/adventure/export", params={"format": fmt.value},
+                                  headers={TOKEN_HEADER: token})
+            assert exported.status_code == 200, (fmt, exported.text)
+            back = formats.read_bytes(exported.content, f"miron{formats.file_suffix(fmt)}")
+            assert back.format is fmt
+            if fmt in (formats.Format.png, formats.Format.tavern, formats.Format.charx):
+                assert back.adventure.origin.document["x_unknown_top"] == "top"
+        png = client.get("/play/api/adventure/export", params={"format": "png"}, headers={TOKEN_HEADER: token})
+        assert png.headers["content-type"] == "image/png" and "attachment" in png.headers["content-disposition"]
+        lore = upload(client, "/play/api/adventure/lorebooks", json.dumps(world_info()).encode(), "bolota.json", token)
+        assert lore.json()["lorebooks"] == [{"name": "bolota", "entries": 3}]
+        kobold = upload(client, "/play/api/adventures/import", json.dumps(kobold_save()).encode(), "gorod.json")
+        assert [t["number"] for t in kobold.json()["adventure"]["turns"]] == [1, 2, 3]
+        for data, name, message in [
+            (b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "face.png", "PNG"),
+            (json.dumps(world_info()).encode(), "bolota.json", "is a lorebook"),
+            (b"", "empty.json", "the upload is empty"),
+        ]:
+            refused = upload(client, "/play/api/adventures/import", data, name)
+            assert refused.status_code == 400 and message in refused.json()["error"]["message"], refused.text
+        refused = upload(client, "/play/api/adventure/lorebooks", card_png(tmp_path).read_bytes(), "m.png", token)
+        assert refused.status_code == 400 and "not a lorebook" in refused.json()["error"]["message"]
+        monkeypatch.setattr(formats, "MAX_FILE_BYTES", 1000)
+        big = upload(client, "/play/api/adventures/import", b"{" + b" " * 5000 + b"}", "big.json")
+        assert big.status_code == 400 and "the most rugpt imports is 1,000 bytes" in big.json()["error"]["message"]
+        assert len(state(client, token).json()["turns"]) == 1  # nothing of the game changed
+
+
+@pytest.mark.skipif(not CHROMIUM.exists() or shutil.which("chromium") is None,
+                    reason="Debian chromium is not installed (apt-get install -y chromium)")
+def test_chromium_uploads_a_png_card_and_plays_a_turn(loaded, tmp_path):
+    pytest.importorskip("playwright.sync_api")
+    from unit._adventure_helpers import png_with_text
+
+    card = card_png(tmp_path)
+    face = tmp_path / "face.png"
+    face.write_bytes(png_with_text({"Comment": "only a face"}))
+    with live_server(loaded, tmp_path / "games.sqlite3") as url, chromium_page(f"{url}/play", 30_000) as page:
+        page.wait_for_selector("button[data-scenario=fantasy]")
+        page.set_input_files("#import-file", str(face))
+        page.wait_for_function("document.getElementById('notice').textContent.includes('without a character card')")
+        page.set_input_files("#import-file", str(card))
+        page.wait_for_selector("#game:not(.hidden)")
+        assert page.locator("#title").text_content() == "Мирон"
+        assert "Мирон кивает" in page.locator("#story .opening").text_content()
+        page.fill("#action-text", "я открываю дверь")
+        page.click("#send")
+        page.wait_for_function("document.querySelectorAll('#story .turn').length === 1")
+        assert page.locator("#story .turn-action").all_text_contents() == ["Вы открываете дверь."]
+        assert page.locator("#story .turn-number").all_text_contents() == ["1."]
+        assert "змей" in page.locator("#cards").input_value()

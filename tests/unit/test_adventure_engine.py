@@ -88,8 +88,8 @@ def test_edit_any_turn(game):
     game.edit(0, output="Вы приходите к реке.")
     game.edit(1, action="Вы садитесь.")
     assert story(game) == ["Вы идёте.\nВы приходите к реке.", "Вы садитесь.\nХод со случайным числом 101. Ветер воет."]
-    with pytest.raises(UsageError, match="turn 5 does not exist"):
-        game.edit(5, output="x")
+    with pytest.raises(UsageError, match="turn 6 does not exist; the story has turns 1 to 2"):
+        game.edit(5, output="x")  # index 5 is the player's turn 6: messages count turns from 1, as the terminal
 
 
 def test_commit_refuses_a_plan_made_before_another_change(game):

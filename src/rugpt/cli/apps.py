@@ -130,6 +130,12 @@ def chat(
             out.print()
 
 
+def _play_help(name: str) -> str:
+    from rugpt.apps.adventure.state import AdventureSettings
+
+    return setting_help(AdventureSettings, name)
+
+
 @command
 def play(
     scenario: Annotated[Optional[str], typer.Option("--scenario", "-s", help="fantasy | detective | space | "
@@ -138,11 +144,28 @@ def play(
     db: Annotated[Optional[Path], typer.Option(help="SQLite file of saved adventures "
                                                "(default: ~/.local/share/rugpt/adventures.sqlite3)")] = None,
     resume: Annotated[Optional[int], typer.Option(help="id of a saved adventure to continue (see --list)")] = None,
-    import_file: Annotated[Optional[Path], typer.Option("--import", help="continue an adventure exported as "
-                                                        "JSON")] = None,
+    import_files: Annotated[Optional[list[Path]], typer.Option(
+        "--import", help="start from a file: a Tavern character card (.png, .json, .charx), a KoboldAI save or a "
+                         "rugpt export; lorebooks (SillyTavern World Info, AI Dungeon story cards) join the "
+                         "adventure. May be given several times")] = None,
+    export_file: Annotated[Optional[Path], typer.Option(
+        "--export", help="write the adventure to this file instead of playing (with --import and no --resume: "
+                         "convert between formats); the format follows the extension (.json is rugpt's own, .png, "
+                         ".charx) or --format")] = None,
+    export_format: Annotated[Optional[str], typer.Option(
+        "--format", help="format of --export: rugpt | tavern | png | charx | sillytavern | koboldai | "
+                         "aidungeon")] = None,
+    greeting: Annotated[int, typer.Option(help="a card's greeting to start with: 0 is its first message, 1.. "
+                                               "its alternate greetings")] = 0,
+    translate: Annotated[Optional[str], typer.Option(
+        help="play a model of another language through MarianMT: a pair such as ru-en (Helsinki-NLP/opus-mt-ru-en "
+             "and opus-mt-en-ru), or two Marian models, comma-separated, into the model's language first")] = None,
+    preset: Annotated[Optional[str], typer.Option(help=_play_help("preset"))] = None,
     list_only: Annotated[bool, typer.Option("--list", help="list scenarios and saved adventures")] = False,
 ) -> None:
     """A text adventure: type what you do («я открываю дверь»), the model tells what happens."""
     from rugpt.apps.adventure.terminal import play as run
 
-    run(scenario, model=model, db=db, resume=resume, import_file=import_file, list_only=list_only, console=out)
+    run(scenario, model=model, db=db, resume=resume, import_files=import_files or (), export_file=export_file,
+        export_format=export_format, greeting=greeting, translate=translate, preset=preset, list_only=list_only,
+        console=out)

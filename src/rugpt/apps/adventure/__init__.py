@@ -1,5 +1,7 @@
-"""A Russian text adventure (AI Dungeon / gamio style): scenarios, memory, author's note, world-info cards,
+"""A Russian text adventure (AI Dungeon / gamio style): scenarios, memory, author's note, world info,
 retry / undo / redo / edit, saved in SQLite; played in the terminal (`rugpt play`) or on the /play page.
+It reads and writes the community's files (`formats`: Tavern cards, SillyTavern World Info, KoboldAI saves,
+AI Dungeon story cards) and plays English models in Russian through MarianMT (`translation`).
 
     from rugpt.apps.adventure import Adventure, Game, TokenCounter, load_scenario, local_completer
     from rugpt import Generator
@@ -23,10 +25,11 @@ from rugpt.apps.adventure.state import (
 )
 from rugpt.apps.adventure.store import AdventureNotFound, AdventureStore
 from rugpt.apps.adventure.trimming import trim_to_sentence
-from rugpt.apps.adventure.worldinfo import WorldCard
+from rugpt.apps.adventure.worldinfo import Lorebook, SelectiveLogic, WorldCard
 
 __all__ = [
     "ActionKind", "Adventure", "AdventureNotFound", "AdventureSettings", "AdventureStore", "Context", "Game",
-    "PendingTurn", "Scenario", "TokenCounter", "Turn", "WorldCard", "as_speech", "build_context", "export_adventure",
-    "import_adventure", "list_scenarios", "load_scenario", "local_completer", "to_second_person", "trim_to_sentence",
+    "Lorebook", "PendingTurn", "Scenario", "SelectiveLogic", "TokenCounter", "Turn", "WorldCard", "as_speech",
+    "build_context", "export_adventure", "import_adventure", "list_scenarios", "load_scenario", "local_completer",
+    "to_second_person", "trim_to_sentence",
 ]

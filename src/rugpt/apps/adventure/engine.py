@@ -4,6 +4,12 @@ The engine never calls a model itself. Each generating action is planned (`plan`
 prompt and the sampling settings), completed by whoever holds the model, and committed (`commit`).
 The terminal completes with a local `Generator` (`act`, `retry` do all three steps); the web page awaits
 the server's batching scheduler between the steps.
+
+With a translation bridge (an English model played in Russian), planning translates the player's action
+into the model's language and committing translates the model's text back; each turn keeps both.
+
+Players count turns from 1 («1. Вы осматриваете окно.»), the code from 0: `edit(0, ...)` is turn 1, and every
+message to a player names turns by the player's numbers.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from rugpt.apps.adventure.context import Context, TokenCounter, build_context
+from rugpt.apps.adventure.context import Context, ModelView, TokenCounter, build_context
 from rugpt.apps.adventure.grammar import as_speech, to_second_person
 from rugpt.apps.adventure.state import ActionKind, Adventure, Turn, apply_header, settings_record
 from rugpt.apps.adventure.trimming import trim_to_sentence
@@ -24,6 +30,7 @@ from rugpt.generation import GenerationSettings
 
 if TYPE_CHECKING:
     from rugpt.apps.adventure.store import AdventureStore
+    from rugpt.apps.adventure.translation import TranslationBridge
     from rugpt.generation import Generator
 
 Completer = Callable[[str, GenerationSettings], str]  # prompt, settings → the model's raw continuation
@@ -62,9 +69,28 @@ class Game:
     """One adventure being played. With a store, every change is saved before the method returns."""
 
     def __init__(self, adventure: Adventure, count: TokenCounter, context_length: int,
-                 store: AdventureStore | None = None, seeds: Callable[[], int] = new_seed):
+                 store: AdventureStore | None = None, seeds: Callable[[], int] = new_seed,
+                 bridge: TranslationBridge | None = None):
         self.adventure, self.count, self.context_length = adventure, count, context_length
-        self.store, self.seeds = store, seeds
+        self.store, self.seeds, self.bridge = store, seeds, bridge
+
+    def view(self) -> ModelView | None:
+        """How the model reads the adventure: translated through the bridge, or as it is."""
+        if self.bridge is None:
+            return None
+        from rugpt.apps.adventure.translation import BridgeView
+
+        return BridgeView(self.bridge, self.adventure.translations)
+
+    def _build(self, budget: int, upto: int | None = None, action: str = "", model_action: str = "") -> Context:
+        view = self.view()
+        if view is not None and action and not model_action:
+            model_action = view.text(action)
+        return build_context(self.adventure, self.count, budget, upto=upto, pending=model_action or action,
+                             view=view, scan_pending=action)
+
+    def _to_player(self, model_text: str) -> str:
+        return self.bridge.to_player(model_text) if self.bridge is not None and model_text else model_text
 
     def budget(self, max_new_tokens: int | None = None) -> int:
         """Prompt tokens allowed: the model's context less the tokens a turn generates."""
@@ -75,7 +101,7 @@ class Game:
 
     def context(self) -> Context:
         """What the model would read for a "continue" now."""
-        return build_context(self.adventure, self.count, self.budget())
+        return self._build(self.budget())
 
     # --- generating actions: plan, complete (elsewhere), commit
 
@@ -89,8 +115,9 @@ class Game:
             raise UsageError(f"a {kind.value!r} action needs some text; send 'continue' to let the story go on")
         seed = self.seeds()
         settings = self.adventure.settings.generation(seed)
-        context = build_context(self.adventure, self.count, self.budget(), pending=action)
-        turn = Turn(kind, text.strip(), action, "", seed, settings_record(settings))
+        model_action = self.bridge.to_model(action) if self.bridge is not None and action else ""
+        context = self._build(self.budget(), action=action, model_action=model_action)
+        turn = Turn(kind, text.strip(), action, "", seed, settings_record(settings), model_action=model_action)
         return PendingTurn(turn, self.adventure.length, None, context, settings)
 
     def plan_retry(self) -> PendingTurn:
@@ -99,8 +126,8 @@ class Game:
         seed = self.seeds()
         settings = self.adventure.settings.generation(seed)
         position = self.adventure.length - 1
-        context = build_context(self.adventure, self.count, self.budget(), upto=position, pending=last.action)
-        turn = dataclasses.replace(last, output="", seed=seed, settings=settings_record(settings),
+        context = self._build(self.budget(), position, last.action, last.model_action)
+        turn = dataclasses.replace(last, output="", model_output="", seed=seed, settings=settings_record(settings),
                                    created=time.time())
         return PendingTurn(turn, position, last, context, settings)
 
@@ -111,7 +138,11 @@ class Game:
         current = adventure.turns[expected] if pending.replaces is not None else None
         if pending.position != expected or current is not pending.replaces:
             raise UsageError("the adventure changed while this turn was being written; send the action again")
-        turn = dataclasses.replace(pending.turn, output=trim_to_sentence(raw_output))
+        output = trim_to_sentence(raw_output)
+        if self.bridge is not None:  # the model wrote in its language; the player reads a translation
+            turn = dataclasses.replace(pending.turn, output=self._to_player(output), model_output=output)
+        else:
+            turn = dataclasses.replace(pending.turn, output=output)
         if pending.replaces is not None:
             adventure.turns[pending.position] = turn
         else:
@@ -138,8 +169,8 @@ class Game:
         """
         turn = self._turn(index)
         budget = self.budget(turn.generation().max_new_tokens)
-        context = build_context(self.adventure, self.count, budget, upto=index, pending=turn.action)
-        return trim_to_sentence(complete(context.text, turn.generation()))
+        context = self._build(budget, index, turn.action, turn.model_action)
+        return self._to_player(trim_to_sentence(complete(context.text, turn.generation())))
 
     # --- changes without the model
 
@@ -164,16 +195,18 @@ class Game:
         changes = {k: v.strip() for k, v in (("action", action), ("output", output)) if v is not None}
         if any(len(v) > 4 * MAX_INPUT for v in changes.values()):
             raise UsageError(f"an edited text may have at most {4 * MAX_INPUT} characters")
+        for name, text in list(changes.items()):  # the model's side follows the player's edit
+            changes[f"model_{name}"] = self.bridge.to_model(text) if self.bridge is not None and text else ""
         self.adventure.turns[index] = dataclasses.replace(turn, **changes)
         self._save([index])
         return self.adventure.turns[index]
 
     def update(self, **fields) -> None:
-        """Change title, memory, authors_note, cards or settings (plain data, as in the JSON export)."""
-        unknown = set(fields) - {"title", "memory", "authors_note", "cards", "settings"}
+        """Change title, memory, authors_note, cards, lorebooks or settings (plain data, as in the JSON export)."""
+        allowed = ("title", "memory", "authors_note", "cards", "lorebooks", "settings")
+        unknown = set(fields) - set(allowed)
         if unknown:
-            raise UsageError(f"cannot change {', '.join(sorted(unknown))}; allowed: title, memory, authors_note, "
-                             f"cards, settings")
+            raise UsageError(f"cannot change {', '.join(sorted(unknown))}; allowed: {', '.join(allowed)}")
         candidate = dataclasses.replace(self.adventure)  # shallow: apply_header swaps whole fields, never mutates
         apply_header(candidate, fields)
         Game(candidate, self.count, self.context_length).budget()  # the new settings must suit the model
@@ -188,7 +221,8 @@ class Game:
 
     def _turn(self, index: int) -> Turn:
         if not 0 <= index < self.adventure.length:
-            raise UsageError(f"turn {index} does not exist; the story has turns 0 to {self.adventure.length - 1}")
+            turns = f"turns 1 to {self.adventure.length}" if self.adventure.length else "no turns yet"
+            raise UsageError(f"turn {index + 1} does not exist; the story has {turns}")
         return self.adventure.turns[index]
 
     def _save(self, changed: Iterable[int] = ()) -> None:

@@ -18,15 +18,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from rugpt.apps.adventure.state import Adventure, Turn, adventure_from_header
+from rugpt.apps.adventure.state import Adventure, Origin, Turn, adventure_from_header
 from rugpt.errors import DataError, RugptError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS adventures (
     id INTEGER PRIMARY KEY,
     token_hash TEXT NOT NULL UNIQUE,
-    header TEXT NOT NULL,            -- JSON: title, world, memory, note, cards, settings
+    header TEXT NOT NULL,            -- JSON: title, world, memory, note, cards, lorebooks, settings
     length INTEGER NOT NULL,         -- turns[:length] is the story, the rest the redo stack
     created REAL NOT NULL,
     updated REAL NOT NULL
@@ -36,6 +36,15 @@ CREATE TABLE IF NOT EXISTS turns (
     position INTEGER NOT NULL,
     turn TEXT NOT NULL,              -- JSON of one Turn
     PRIMARY KEY (adventure_id, position)
+);
+"""
+# Version 2: the file an adventure was imported from, written once and read only for an export.
+ORIGINS = """
+CREATE TABLE IF NOT EXISTS origins (
+    adventure_id INTEGER PRIMARY KEY REFERENCES adventures(id) ON DELETE CASCADE,
+    format TEXT NOT NULL,
+    document TEXT NOT NULL,          -- JSON as the file had it
+    blob BLOB                        -- a PNG card's image or a .charx zip
 );
 """
 
@@ -77,12 +86,12 @@ class AdventureStore:
         self._conn.execute("PRAGMA synchronous=FULL")  # a committed turn is on disk before the call returns
         self._conn.execute("PRAGMA foreign_keys=ON")
         version = self._conn.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, SCHEMA_VERSION):
+        if version not in (0, 1, SCHEMA_VERSION):
             raise DataError(f"adventure store {str(self.path)!r} has schema version {version}; this rugpt reads "
-                            f"version {SCHEMA_VERSION} — use a newer rugpt or another --db file")
-        if version == 0:
+                            f"versions 1 and {SCHEMA_VERSION} — use a newer rugpt or another --db file")
+        if version < SCHEMA_VERSION:  # a new file, or one of version 1: its adventures load as they are
             with self._transaction() as db:
-                for statement in filter(str.strip, SCHEMA.split(";")):
+                for statement in filter(str.strip, (SCHEMA if version == 0 else "").split(";") + ORIGINS.split(";")):
                     db.execute(statement)
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
@@ -121,7 +130,21 @@ class AdventureStore:
             adventure.id = cursor.lastrowid
             db.executemany("INSERT INTO turns (adventure_id, position, turn) VALUES (?, ?, ?)",
                            [(adventure.id, i, _dumps(t.to_dict())) for i, t in enumerate(adventure.turns)])
+            if adventure.origin is not None:
+                origin = adventure.origin
+                db.execute("INSERT INTO origins (adventure_id, format, document, blob) VALUES (?, ?, ?, ?)",
+                           (adventure.id, origin.format, _dumps(origin.document), origin.blob))
         return token
+
+    def load_origin(self, adventure: Adventure) -> Origin | None:
+        """The file the adventure was imported from (set on `adventure.origin` too); None if it was not imported."""
+        if adventure.origin is None and adventure.id is not None:
+            with self._snapshot() as db:
+                row = db.execute("SELECT format, document, blob FROM origins WHERE adventure_id = ?",
+                                 (adventure.id,)).fetchone()
+            if row is not None:
+                adventure.origin = Origin(row[0], json.loads(row[1]), row[2])
+        return adventure.origin
 
     def load(self, token: str) -> Adventure:
         """The adventure of this token; AdventureNotFound when there is none."""

@@ -1,9 +1,13 @@
-"""`rugpt play` (`rugpt.play`): the adventure in a terminal, drawn with rich; every turn is saved as it is played."""
+"""`rugpt play` (`rugpt.play`): the adventure in a terminal, drawn with rich; every turn is saved as it is played.
+
+It also imports the community's files (Tavern cards, KoboldAI saves, SillyTavern World Info, AI Dungeon story
+cards) and exports to them; with an export file and no saved game to resume, it converts without playing.
+"""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,13 +16,14 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
+from rugpt.apps.adventure import formats
 from rugpt.apps.adventure.context import TokenCounter
 from rugpt.apps.adventure.engine import Completer, Game, local_completer
 from rugpt.apps.adventure.scenario import list_scenarios, load_scenario
-from rugpt.apps.adventure.state import ActionKind, Adventure, Turn, export_adventure, import_adventure
+from rugpt.apps.adventure.state import ActionKind, Adventure, AdventureSettings, Turn
 from rugpt.apps.adventure.store import AdventureStore
 from rugpt.apps.adventure.worldinfo import WorldCard
-from rugpt.errors import DataError, RugptError, UsageError
+from rugpt.errors import RugptError, UsageError
 
 HELP = """\
 Пишите, что делаете, как вам удобно: «я открываю дверь» станет «Вы открываете дверь».
@@ -28,8 +33,9 @@ HELP = """\
   [bold]/edit N текст[/]      заменить текст хода N ([bold]/edit-action N текст[/] — действие хода)
   [bold]/history[/]  вся история с номерами ходов     [bold]/context[/]  что видит модель
   [bold]/memory текст[/]  память   [bold]/note текст[/]  примечание автора   [bold]/cards[/]  карточки мира
-  [bold]/card ключ, ключ: текст[/]   новая карточка мира
-  [bold]/export файл.json[/]  сохранить в JSON      [bold]/help[/]  эта справка      [bold]/quit[/]  выход"""
+  [bold]/card ключ, ключ: текст[/]   новая карточка мира    [bold]/lore файл[/]  добавить лорбук (World Info, ...)
+  [bold]/export файл [формат][/]  сохранить: .json, .png (карточка Tavern), .charx; форматы: {formats}
+  [bold]/help[/]  эта справка      [bold]/quit[/]  выход"""
 
 Reader = Callable[[str], str]
 
@@ -77,6 +83,8 @@ class TerminalGame:
             self.set_text("memory" if command == "/memory" else "authors_note", rest)
         elif command == "/card":
             self.add_card(rest)
+        elif command == "/lore":
+            self.add_lore(rest)
         elif command == "/export":
             self.export(rest)
         else:
@@ -99,8 +107,8 @@ class TerminalGame:
         self.show_turn(turn)
 
     def undo(self) -> None:
-        turn = self.game.undo()
-        self.console.print(f"[dim]отменён ход {self.game.adventure.length}: {escape(_short(turn))}[/]")
+        turn = self.game.undo()  # turns count from 1: the one undone was number length + 1
+        self.console.print(f"[dim]отменён ход {self.game.adventure.length + 1}: {escape(_short(turn))}[/]")
 
     def redo(self) -> None:
         turn = self.game.redo()
@@ -128,12 +136,23 @@ class TerminalGame:
         self.game.update(cards=[*self.game.adventure.cards, card])
         self.show_cards()
 
+    def add_lore(self, rest: str) -> None:
+        if rest:
+            books = formats.with_lorebooks(self.game.adventure, [formats.read_file(rest)])
+            self.game.update(lorebooks=books)
+        table = Table("лорбук", "записей", title="Лорбуки")
+        for book in self.game.adventure.lorebooks:
+            table.add_row(escape(book.name), str(len(book.cards)))
+        self.console.print(table)
+
     def export(self, rest: str) -> None:
-        if not rest:
-            raise UsageError("укажите файл: /export моя-игра.json")
-        data = json.dumps(export_adventure(self.game.adventure), ensure_ascii=False, indent=1)
-        Path(rest).expanduser().write_text(data, encoding="utf-8")
-        self.console.print(f"[dim]сохранено в {escape(rest)}[/]")
+        path, _, fmt = rest.partition(" ")
+        if not path:
+            raise UsageError("укажите файл: /export моя-игра.json (или .png, .charx; формат — вторым словом)")
+        if self.game.store is not None:
+            self.game.store.load_origin(self.game.adventure)
+        written = formats.write_file(self.game.adventure, path, fmt.strip() or None)
+        self.console.print(f"[dim]сохранено в {escape(path)} ({written.value})[/]")
 
     def show_story(self) -> None:
         adventure = self.game.adventure
@@ -159,7 +178,7 @@ class TerminalGame:
         self.console.print(table)
 
     def show_help(self) -> None:
-        self.console.print(HELP)
+        self.console.print(HELP.format(formats=", ".join(f.value for f in formats.Format)))
 
 
 def _short(turn: Turn) -> str:
@@ -204,38 +223,93 @@ def list_saved(store: AdventureStore, console: Console) -> None:
 
 
 def play(scenario: str | None = None, *, model: str | None = None, db: Path | None = None,
-         resume: int | None = None, import_file: Path | None = None, list_only: bool = False,
-         console: Console | None = None, read: Reader | None = None) -> None:
-    """Play a text adventure in the terminal until /quit: a new one from `scenario` (asked when None),
-    a saved one (`resume`, an id from `list_only`) or an exported JSON file; every turn is saved in `db`."""
+         resume: int | None = None, import_files: Sequence[Path] = (), export_file: Path | None = None,
+         export_format: str | None = None, greeting: int = 0, translate: str | None = None,
+         preset: str | None = None, list_only: bool = False, console: Console | None = None,
+         read: Reader | None = None) -> None:
+    """Play a text adventure in the terminal until /quit: a new one from `scenario` (asked when None), a saved
+    one (`resume`, an id from `list_only`) or an imported file (a card, a KoboldAI save, an export); lorebook
+    files among `import_files` join it. Every turn is saved in `db`.
+
+    With `export_file` the adventure is written to it (format from `export_format` or the extension) instead of
+    played: a conversion when nothing is resumed, and then nothing is saved and no model is loaded.
+    `translate` ("ru-en") plays a model of another language through MarianMT translators.
+    """
     console = console or Console(highlight=False)
     read = read or console.input
+    imported = [formats.read_file(path, greeting) for path in import_files]  # all checked before anything is saved
+    stories, lore = [i for i in imported if not i.lore_only], [i for i in imported if i.lore_only]
+    if len(stories) > 1:
+        raise UsageError(f"import one adventure at a time (a card, a save or an export), got "
+                         f"{', '.join(i.name for i in stories)}; lorebook files may come with it")
+    if export_file is not None and resume is None:
+        _export(_starting(scenario, stories, lore, convert=True), lore, export_file, export_format, console)
+        return
     store = AdventureStore(db)
     try:
         if list_only:
             list_saved(store, console)
             return
         if resume is not None:
+            if stories or scenario:
+                raise UsageError("--resume continues a saved game; give --scenario or an adventure to --import "
+                                 "without it")
             adventure = store.load_by_id(resume)
-        elif import_file is not None:
-            adventure = _new(store, import_adventure(_read_json(import_file)))
-        elif scenario is not None:
-            adventure = _new(store, Adventure.from_scenario(load_scenario(scenario)))
+            if export_file is not None:
+                store.load_origin(adventure)
+                _export(adventure, lore, export_file, export_format, console)
+                return
+        elif stories or scenario is not None or lore:
+            adventure = _starting(scenario, stories, lore)
+            adventure.lorebooks = formats.with_lorebooks(adventure, lore)
+            lore = []
+            if preset is not None:
+                adventure.settings = AdventureSettings(**{**dataclasses.asdict(adventure.settings), "preset": preset})
+            store.create(adventure)
         else:
             adventure = choose_adventure(store, console, read)
-        from rugpt.generation import Generator
-
-        with console.status("загрузка модели…"):
-            generator = Generator(model)
-        loaded = generator.loaded
-        game = Game(adventure, TokenCounter(loaded.tokenizer), loaded.context_length, store)
-        TerminalGame(game, local_completer(generator), console, read).run()
+        _run(adventure, store, model, translate, preset, lore, console, read)
     finally:
         store.close()
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"cannot read adventure file {str(path)!r}: {exc}") from None
+def _export(adventure: Adventure, lore: list, path: Path, fmt: str | None, console: Console) -> None:
+    """Write the adventure, with these lorebook files joined, to a file; nothing is saved."""
+    adventure.lorebooks = formats.with_lorebooks(adventure, lore)
+    written = formats.write_file(adventure, path, fmt)
+    console.print(f"written {escape(str(path))} ({written.value})")
+
+
+def _starting(scenario: str | None, stories: list, lore: list, convert: bool = False) -> Adventure:
+    """The adventure to start (or convert): an imported one, a scenario's, or (converting lore) an empty one."""
+    if stories and scenario is not None:
+        raise UsageError(f"give either --scenario or an adventure to --import ({stories[0].name}), not both")
+    if stories:
+        return stories[0].adventure
+    if scenario is not None:
+        return Adventure.from_scenario(load_scenario(scenario))
+    if convert:
+        return Adventure(title=lore[0].name if lore else "", scenario="", world="", opening="")
+    raise UsageError(f"{lore[0].name} is a lorebook: it joins an adventure, e.g. rugpt play -s fantasy --import "
+                     f"{lore[0].name}.json, or --resume ID")
+
+
+def _run(adventure: Adventure, store: AdventureStore, model: str | None, translate: str | None, preset: str | None,
+         lore: list, console: Console, read: Reader) -> None:
+    """Load the model (and translators), join lore and preset to a saved game, and play."""
+    from rugpt.generation import Generator
+
+    with console.status("загрузка модели…"):
+        generator = Generator(model)
+    loaded, bridge = generator.loaded, None
+    if translate:
+        from rugpt.apps.adventure.translation import TranslationBridge
+
+        with console.status("загрузка переводчиков…"):
+            bridge = TranslationBridge.load(translate, device=loaded.device)
+    game = Game(adventure, TokenCounter(loaded.tokenizer), loaded.context_length, store, bridge=bridge)
+    if lore:
+        game.update(lorebooks=formats.with_lorebooks(adventure, lore))
+    if preset is not None and adventure.settings.preset != preset:
+        game.update(settings={**dataclasses.asdict(adventure.settings), "preset": preset})
+    TerminalGame(game, local_completer(generator), console, read).run()

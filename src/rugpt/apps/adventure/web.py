@@ -3,6 +3,9 @@
 On `rugpt serve` it completes on the server's batching scheduler (`app.state.service`); anywhere else
 it takes a `PlayBackend` (e.g. `PlayBackend.from_generator`). Each adventure is reached only with its
 token, sent in the `X-Adventure-Token` header.
+
+Files come and go as they are (a request body of raw bytes, an attachment back): Tavern cards (PNG, JSON,
+.charx), KoboldAI saves, lorebooks (SillyTavern World Info, AI Dungeon story cards) and rugpt's own JSON.
 """
 
 from __future__ import annotations
@@ -14,18 +17,20 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 
+from rugpt.apps.adventure import formats
 from rugpt.apps.adventure.context import TokenCounter
 from rugpt.apps.adventure.engine import MAX_INPUT, Game
 from rugpt.apps.adventure.scenario import list_scenarios, load_scenario
-from rugpt.apps.adventure.state import ActionKind, Adventure, export_adventure, import_adventure
+from rugpt.apps.adventure.state import ActionKind, Adventure, export_adventure
 from rugpt.apps.adventure.store import AdventureNotFound, AdventureStore, token_hash
-from rugpt.errors import RugptError, UsageError
+from rugpt.errors import DataError, RugptError, UsageError
 from rugpt.generation import GenerationSettings
 
 PAGE = Path(__file__).parent / "static" / "play.html"
@@ -35,23 +40,25 @@ AsyncCompleter = Callable[[str, GenerationSettings], Awaitable[str]]
 
 @dataclass
 class PlayBackend:
-    """What the page needs of a model: its own tokenizer (for budgets), its context length, a completer."""
+    """What the page needs of a model: its own tokenizer (for budgets), its context length, a completer,
+    and, for a model of another language, the translation bridge (`translation.TranslationBridge`)."""
 
     count: TokenCounter
     context_length: int
     complete: AsyncCompleter
+    bridge: Any = None
 
     @classmethod
-    def from_service(cls, service: Any) -> PlayBackend:
+    def from_service(cls, service: Any, bridge: Any = None) -> PlayBackend:
         """On `rugpt serve`: completions queue on the shared batching scheduler with everyone else's."""
 
         async def complete(prompt: str, settings: GenerationSettings) -> str:
             return (await service.complete(prompt, settings))[0].text
 
-        return cls(TokenCounter(service.tokenizer), service.context, complete)
+        return cls(TokenCounter(service.tokenizer), service.context, complete, bridge)
 
     @classmethod
-    def from_generator(cls, generator: Any) -> PlayBackend:
+    def from_generator(cls, generator: Any, bridge: Any = None) -> PlayBackend:
         """A local `Generator`, one completion at a time in a worker thread (no batching)."""
         lock = threading.Lock()
 
@@ -62,7 +69,7 @@ class PlayBackend:
         async def complete(prompt: str, settings: GenerationSettings) -> str:
             return await asyncio.to_thread(run, prompt, settings)
 
-        return cls(TokenCounter(generator.tokenizer), generator.loaded.context_length, complete)
+        return cls(TokenCounter(generator.tokenizer), generator.loaded.context_length, complete, bridge)
 
 
 class NewAdventure(BaseModel):
@@ -109,16 +116,42 @@ def _error(status: int, message: str, kind: str) -> JSONResponse:
 
 
 def render(adventure: Adventure) -> dict:
-    """What the page shows: the adventure without its redo stack."""
-    turns = [{"index": i, "kind": t.kind.value, "action": t.action, "output": t.output, "seed": t.seed}
-             for i, t in enumerate(adventure.story)]
-    return {**adventure.header(), "turns": turns, "can_undo": adventure.length > 0,
+    """What the page shows: the adventure without its redo stack, lorebooks by name and size only."""
+    turns = [{"index": i, "number": i + 1, "kind": t.kind.value, "action": t.action, "output": t.output,
+              "seed": t.seed} for i, t in enumerate(adventure.story)]
+    header = {k: v for k, v in adventure.header().items() if k != "translations"}
+    header["lorebooks"] = [{"name": b.name, "entries": len(b.cards)} for b in adventure.lorebooks]
+    return {**header, "turns": turns, "can_undo": adventure.length > 0,
             "can_redo": adventure.length < len(adventure.turns)}
 
 
+async def read_upload(request: Request) -> bytes:
+    """The request body, refused as soon as it is larger than an import may be."""
+    most = formats.MAX_FILE_BYTES
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > most:
+        raise DataError(f"the file has {int(declared):,} bytes; the most rugpt imports is {most:,} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > most:  # security: a body without Content-Length is cut off here too
+            raise DataError(f"the file has more than {most:,} bytes; the most rugpt imports is {most:,} bytes")
+        chunks.append(chunk)
+    if not size:
+        raise DataError("the upload is empty: send the file's bytes as the request body")
+    return b"".join(chunks)
+
+
+def attachment(data: bytes, fmt: formats.Format, title: str) -> Response:
+    name = (title.strip() or "adventure")[:80] + formats.file_suffix(fmt)
+    disposition = f"attachment; filename=\"adventure{formats.file_suffix(fmt)}\"; filename*=UTF-8''{quote(name)}"
+    return Response(data, media_type=formats.media_type(fmt), headers={"Content-Disposition": disposition})
+
+
 def create_play_router(store: AdventureStore, backend: PlayBackend | None = None, prefix: str = "/play",
-                       dependencies: list | None = None) -> APIRouter:
-    """The page at `prefix` and its API under `prefix`/api; without `backend`, the app's `state.service`."""
+                       dependencies: list | None = None, bridge: Any = None) -> APIRouter:
+    """The page at `prefix` and its API under `prefix`/api; without `backend`, the app's `state.service`
+    (and `bridge`, a `translation.TranslationBridge`, to play a model of another language)."""
     router = APIRouter(prefix=prefix, route_class=_PlayRoute, dependencies=dependencies or [], tags=["play"])
     locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
@@ -127,7 +160,7 @@ def create_play_router(store: AdventureStore, backend: PlayBackend | None = None
             return backend
         state = request.app.state
         if getattr(state, "play_backend", None) is None:
-            state.play_backend = PlayBackend.from_service(state.service)
+            state.play_backend = PlayBackend.from_service(state.service, bridge)
         return state.play_backend
 
     def checked(token: str | None) -> str:
@@ -144,7 +177,7 @@ def create_play_router(store: AdventureStore, backend: PlayBackend | None = None
         async with locks.setdefault(token_hash(checked(token)), asyncio.Lock()):
             adventure = await load(token)  # loaded under the lock: what the request before ours saved
             model = backend_of(request)
-            game = Game(adventure, model.count, model.context_length, store)
+            game = Game(adventure, model.count, model.context_length, store, bridge=model.bridge)
             await step(game, model)
         return render(adventure)
 
@@ -173,23 +206,59 @@ def create_play_router(store: AdventureStore, backend: PlayBackend | None = None
         return {"token": token, "adventure": render(adventure)}
 
     @router.post("/api/adventures/import", status_code=201)
-    async def import_(data: dict) -> dict:
-        adventure = import_adventure(data)
-        token = await asyncio.to_thread(store.create, adventure)
-        return {"token": token, "adventure": render(adventure)}
+    async def import_(request: Request, filename: str = Query("upload.json", max_length=200),
+                      greeting: int = Query(0, ge=0, le=100)) -> dict:
+        """A new adventure from a file sent as the body: a card (PNG, JSON, .charx), a KoboldAI save, an export."""
+        name = Path(filename).name or "upload.json"
+        imported = await asyncio.to_thread(formats.read_bytes, await read_upload(request), name, greeting)
+        if imported.lore_only:
+            raise UsageError(f"{name} is a lorebook: open a game first, then add it under «Лорбуки»")
+        token = await asyncio.to_thread(store.create, imported.adventure)
+        return {"token": token, "adventure": render(imported.adventure)}
 
     @router.get("/api/adventure")
     async def state(x_adventure_token: str | None = Header(None)) -> dict:
         return render(await load(x_adventure_token))
 
-    @router.get("/api/adventure/export")
-    async def export(x_adventure_token: str | None = Header(None)) -> dict:
-        return export_adventure(await load(x_adventure_token))
+    @router.get("/api/adventure/export", response_model=None)
+    async def export(format: formats.Format = Query(formats.Format.rugpt, description="the file's format"),
+                     x_adventure_token: str | None = Header(None)) -> dict | Response:
+        adventure = await load(x_adventure_token)
+        await asyncio.to_thread(store.load_origin, adventure)
+        if format is formats.Format.rugpt:
+            return export_adventure(adventure)
+        data = await asyncio.to_thread(formats.export_bytes, adventure, format)
+        return attachment(data, format, adventure.title)
+
+    @router.post("/api/adventure/lorebooks")
+    async def add_lorebook(request: Request, filename: str = Query("lorebook.json", max_length=200),
+                           x_adventure_token: str | None = Header(None)) -> dict:
+        """A lorebook file (SillyTavern World Info, AI Dungeon story cards) joins the adventure's world info."""
+        imported = await asyncio.to_thread(formats.read_bytes, await read_upload(request),
+                                           Path(filename).name or "lorebook.json")
+
+        async def step(game: Game, model: PlayBackend) -> None:
+            books = formats.with_lorebooks(game.adventure, [imported])
+            await asyncio.to_thread(game.update, lorebooks=books)
+
+        return await play(request, x_adventure_token, step)
+
+    @router.delete("/api/adventure/lorebooks/{index}")
+    async def remove_lorebook(index: int, request: Request, x_adventure_token: str | None = Header(None)) -> dict:
+        async def step(game: Game, model: PlayBackend) -> None:
+            books = list(game.adventure.lorebooks)
+            if not 0 <= index < len(books):
+                raise UsageError(f"lorebook {index} does not exist; the adventure has {len(books)}")
+            del books[index]
+            await asyncio.to_thread(game.update, lorebooks=books)
+
+        return await play(request, x_adventure_token, step)
 
     @router.get("/api/adventure/context")
     async def context(request: Request, x_adventure_token: str | None = Header(None)) -> dict:
         model = backend_of(request)
-        built = Game(await load(x_adventure_token), model.count, model.context_length).context()
+        game = Game(await load(x_adventure_token), model.count, model.context_length, bridge=model.bridge)
+        built = await asyncio.to_thread(game.context)
         return {"text": built.text, "tokens": built.tokens, "budget": built.budget}
 
     @router.patch("/api/adventure")
