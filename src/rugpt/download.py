@@ -43,8 +43,8 @@ from rugpt.models import resolve
 log = logging.getLogger(__name__)
 
 # What rugpt reads from a checkpoint folder: the configs, the tokenizer (vocab.json + merges.txt, tokenizer.json,
-# a sentencepiece *.model) and the weights.
-WANTED = ("*.json", "*.txt", "*.model", "*.safetensors", "pytorch_model*.bin")
+# a sentencepiece *.model, a Marian translator's source.spm / target.spm) and the weights.
+WANTED = ("*.json", "*.txt", "*.model", "*.spm", "*.safetensors", "pytorch_model*.bin")
 # Copies of the weights for other frameworks and the Megatron training shards: never read here, so never fetched.
 UNWANTED = ("*.msgpack", "*.h5", "*.ckpt", "*.onnx", "rust_model.ot", "mp_rank_*")
 

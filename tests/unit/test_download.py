@@ -305,3 +305,10 @@ def test_models_json_has_sizes_ids_and_cache():
     assert rows["small"]["path"] is None and rows["small"]["available"] == "no"
     table = runner.invoke(app, ["models"])
     assert "≈0.55 GB download (published size)" in table.stdout and "pad/bos/eos 0/2/3" in table.stdout
+
+
+def test_a_marian_translator_gets_its_sentencepiece_models():
+    listing = ["config.json", "generation_config.json", "pytorch_model.bin", "source.spm", "target.spm",
+               "tokenizer_config.json", "vocab.json", "tf_model.h5", "rust_model.ot"]
+    assert select_files(listing) == ["config.json", "generation_config.json", "pytorch_model.bin", "source.spm",
+                                     "target.spm", "tokenizer_config.json", "vocab.json"]
