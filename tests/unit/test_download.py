@@ -20,7 +20,7 @@ from huggingface_hub.hf_api import BlobLfsInfo, RepoSibling
 from typer.testing import CliRunner
 
 from rugpt.cli import app
-from rugpt.download import download, format_size
+from rugpt.download import download, format_size, select_files
 from rugpt.errors import DiskFull, ModelNotFound
 from rugpt.models import BUNDLED_DIR
 
