@@ -32,21 +32,42 @@ class ScriptedModel:
         yield from (text[i:i + 3] for i in range(0, len(text), 3))
 
 
-def test_prompt_has_persona_dialogue_and_ends_with_the_bot_tag(tiny):
-    settings = ChatSettings(persona="Бот — вежливый помощник.", user_tag="Я:", bot_tag="ИИ:")
+def test_prompt_has_persona_dialogue_and_ends_with_the_assistants_label(tiny):
+    settings = ChatSettings(persona="Бот — вежливый помощник.")
     model = ScriptedModel(tiny, [" Отлично!"])
     chat = Chat(model, settings)
     assert chat.send("  Как дела? ") == "Отлично!"
-    assert model.prompts[0] == ("Бот — вежливый помощник.\nЯ: Привет! Как дела?\n"
-                                "ИИ: Здравствуйте! Всё хорошо, спасибо. Чем могу помочь?\nЯ: Как дела?\nИИ:")
-    assert chat.turns[-2:] == [Turn(Speaker.user, "Как дела?"), Turn(Speaker.bot, "Отлично!")]
+    assert model.prompts[0] == ("Бот — вежливый помощник.\nПользователь: Привет! Как дела?\n"
+                                "Ассистент: Здравствуйте! Всё хорошо, спасибо. Чем могу помочь?\n"
+                                "Пользователь: Как дела?\nАссистент:")
+    assert chat.turns[-2:] == [Turn(Speaker.user, "Как дела?"), Turn(Speaker.assistant, "Отлично!")]
+
+
+def test_the_chat_prompt_is_the_servers_prompt(tiny):
+    from rugpt.chat_format import ChatFormat
+
+    chat = Chat(ScriptedModel(tiny, []), ChatSettings(persona="Персона."))
+    messages = [{"role": "system", "content": "Персона."}, {"role": "user", "content": "Привет! Как дела?"},
+                {"role": "assistant", "content": "Здравствуйте! Всё хорошо, спасибо. Чем могу помочь?"}]
+    assert chat.prompt() == ChatFormat.resolve(tiny.tokenizer).render(tiny.tokenizer, messages)
+
+
+def test_a_model_template_or_a_given_one_replaces_rugpts(tiny, tmp_path):
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+    path = tmp_path / "chat.jinja"
+    path.write_text(template, encoding="utf-8")
+    chat = Chat(ScriptedModel(tiny, []), ChatSettings(seed_dialogue=(), chat_template=str(path)))
+    chat.turns.append(Turn(Speaker.user, "Привет"))
+    assert chat.prompt() == "<user>Привет<assistant>" and chat.format.stop == ()
+    with pytest.raises(UsageError, match="neither a Jinja template"):
+        Chat(ScriptedModel(tiny, []), ChatSettings(chat_template="no braces here"))
 
 
 def test_reply_stops_at_the_next_speaker_tag(tiny):
-    model = ScriptedModel(tiny, [" Хорошо.\nПользователь: а ты кто?", " Да.\nБот: и ещё", " Не знаю"])
+    model = ScriptedModel(tiny, [" Хорошо.\nПользователь: а ты кто?", " Да.\nАссистент: и ещё", " Не знаю"])
     chat = Chat(model)
     assert [chat.send("Как ты?"), chat.send("Правда?"), chat.send("Почему?")] == ["Хорошо.", "Да.", "Не знаю"]
-    assert model.prompts[1].endswith("Бот: Хорошо.\nПользователь: Правда?\nБот:")
+    assert model.prompts[1].endswith("Ассистент: Хорошо.\nПользователь: Правда?\nАссистент:")
 
 
 def test_history_is_trimmed_from_the_oldest_turn_to_fit_the_context(tiny):
@@ -58,7 +79,7 @@ def test_history_is_trimmed_from_the_oldest_turn_to_fit_the_context(tiny):
         chat.send(f"Вопрос номер {i}, тоже не самый короткий?")
         assert len(tiny.tokenizer(model.prompts[-1])["input_ids"]) <= budget
         assert model.prompts[-1].startswith("Персона.\n")
-        assert model.prompts[-1].endswith(f"Пользователь: Вопрос номер {i}, тоже не самый короткий?\nБот:")
+        assert model.prompts[-1].endswith(f"Пользователь: Вопрос номер {i}, тоже не самый короткий?\nАссистент:")
     assert "Привет! Как дела?" not in model.prompts[-1]  # the seed dialogue was the first to go
     assert "Вопрос номер 0," not in model.prompts[-1]
     chat.reset()
@@ -70,7 +91,7 @@ def test_real_generation_is_repeatable_with_a_seed(tiny):
     first, second = Chat(tiny, settings), Chat(tiny, settings)
     replies = [first.send("Привет!"), first.send("Что нового?")]
     assert replies == [second.send("Привет!"), second.send("Что нового?")]
-    assert all("Пользователь:" not in r and "Бот:" not in r for r in replies)
+    assert all("Пользователь:" not in r and "Ассистент:" not in r for r in replies)
     assert len(first.turns) == len(DEFAULT_SEED_DIALOGUE) + 4
 
 
@@ -81,10 +102,10 @@ def test_streamed_reply_is_the_generated_reply_and_is_remembered(tiny):
     generator = Generator(tiny)
     chat, reference = Chat(generator, settings), Chat(generator, settings)
     reference.turns.append(Turn(Speaker.user, "Привет!"))
-    expected = generator.generate(reference.prompt(), settings.reply_settings()).completions[0].text.strip()
+    expected = generator.generate(reference.prompt(), reference.reply_settings()).completions[0].text.strip()
     pieces = list(chat.stream("Привет!"))
     assert len(pieces) > 1 and "".join(pieces).strip() == expected
-    assert chat.turns[-1] == Turn(Speaker.bot, expected)
+    assert chat.turns[-1] == Turn(Speaker.assistant, expected)
 
 
 def test_a_stream_read_only_in_part_keeps_what_was_said(tiny):
@@ -92,28 +113,26 @@ def test_a_stream_read_only_in_part_keeps_what_was_said(tiny):
     stream = chat.stream("Считай")
     first = next(stream)
     stream.close()
-    assert chat.turns[-2:] == [Turn(Speaker.user, "Считай"), Turn(Speaker.bot, first.strip())]
+    assert chat.turns[-2:] == [Turn(Speaker.user, "Считай"), Turn(Speaker.assistant, first.strip())]
 
 
 def test_parse_dialogue_joins_continuation_lines():
-    text = "Пользователь: Привет\n\nБот: Здравствуй!\nРад тебя видеть.\nПользователь:Пока"
-    assert parse_dialogue(text, "Пользователь:", "Бот:") == (
-        Turn(Speaker.user, "Привет"), Turn(Speaker.bot, "Здравствуй!\nРад тебя видеть."), Turn(Speaker.user, "Пока"))
+    text = "Пользователь: Привет\n\nАссистент: Здравствуй!\nРад тебя видеть.\nПользователь:Пока"
+    assert parse_dialogue(text) == (
+        Turn(Speaker.user, "Привет"), Turn(Speaker.assistant, "Здравствуй!\nРад тебя видеть."),
+        Turn(Speaker.user, "Пока"))
     with pytest.raises(DataError, match="seed.txt:2: the first turn must start with"):
-        parse_dialogue("\nПривет\nБот: да", "Пользователь:", "Бот:", source="seed.txt")
+        parse_dialogue("\nПривет\nАссистент: да", source="seed.txt")
     with pytest.raises(DataError, match="no dialogue turns"):
-        parse_dialogue("\n\n", "Пользователь:", "Бот:")
+        parse_dialogue("\n\n")
 
 
 def test_read_dialogue_reports_unreadable_files(tmp_path):
     with pytest.raises(DataError, match="cannot read seed dialogue"):
-        read_dialogue(tmp_path / "none.txt", "Я:", "Ты:")
+        read_dialogue(tmp_path / "none.txt")
 
 
 @pytest.mark.parametrize("settings, needle", [
-    (dict(user_tag=" "), "user_tag=' '"),
-    (dict(bot_tag="Бот\n:"), "bot_tag="),
-    (dict(user_tag="Бот:", bot_tag="Бот:"), "must differ"),
     (dict(generation=GenerationSettings(num_return_sequences=2)), "num_return_sequences=2"),
 ])
 def test_invalid_settings_are_usage_errors(settings, needle):
@@ -136,17 +155,17 @@ def test_cli_once_and_interactive(tiny_model_dir, tmp_path):
     assert once.exit_code == 0, once.output
     assert json.loads(once.stdout)["message"] == "Привет!"
     seed = tmp_path / "seed.txt"
-    seed.write_text("Я: Здравствуй\nТы: Привет, человек\n", encoding="utf-8")
-    talk = run("chat", *model, "--user-tag", "Я:", "--bot-tag", "Ты:", "--seed-dialogue", str(seed),
+    seed.write_text("Пользователь: Здравствуй\nАссистент: Привет, человек\n", encoding="utf-8")
+    talk = run("chat", *model, "--seed-dialogue", str(seed),
                stdin="Привет\n\n/reset\nКак дела?\n/exit\nне дойдёт\n")
     assert talk.exit_code == 0, talk.output
-    assert talk.stdout.count("Ты:") == 2
+    assert talk.stdout.count("Ассистент:") == 2
 
 
 @pytest.mark.parametrize("args, needle", [
     (("--once", " "), "message is empty"),
     (("--once", "Привет", "--seed-dialogue", "/nonexistent.txt"), "cannot read seed dialogue"),
-    (("--once", "Привет", "--user-tag", "Бот:"), "must differ"),
+    (("--once", "Привет", "--chat-template", "{% for %}"), "chat template failed"),
     (("--once", "Привет", "--temperature", "0"), "temperature=0"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(tiny_model_dir, args, needle):

@@ -74,15 +74,20 @@ def recommend(
         out.print(sample, markup=False)
 
 
+def _chat_help(name: str) -> str:
+    from rugpt.apps.chat import ChatSettings
+
+    return setting_help(ChatSettings, name)
+
+
 @command
 def chat(
     model: ModelOpt = None,
     once: Annotated[Optional[str], typer.Option(help="send this one message, print the reply and exit")] = None,
-    user_tag: Annotated[Optional[str], typer.Option(help="the tag before your lines (default 'Пользователь:')")] = None,
-    bot_tag: Annotated[Optional[str], typer.Option(help="the tag before the bot's lines (default 'Бот:')")] = None,
-    persona: Annotated[Optional[str], typer.Option(help="who the bot is, put before the dialogue")] = None,
+    persona: Annotated[Optional[str], typer.Option(help=_chat_help("persona"))] = None,
     seed_dialogue: Annotated[Optional[Path], typer.Option(help="a file of opening turns, each line starting with "
-                                                          "a speaker tag")] = None,
+                                                          "'Пользователь:' or 'Ассистент:'")] = None,
+    chat_template: Annotated[Optional[str], typer.Option(help=_chat_help("chat_template"))] = None,
     preset: Annotated[Optional[str], typer.Option(help="precise | greedy | balanced | creative")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help=gen_help("max_new_tokens"))] = None,
     temperature: Annotated[Optional[float], typer.Option(help=gen_help("temperature"))] = None,
@@ -91,13 +96,12 @@ def chat(
 ) -> None:
     """Talk to a model in the terminal; /reset starts over, /exit or Ctrl-D leaves."""
     from rugpt.apps.chat import Chat, ChatSettings, read_dialogue
+    from rugpt.chat_format import ASSISTANT_LABEL, USER_LABEL
 
     generation = settings_from_cli(preset, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-    settings = ChatSettings(generation=generation, **set_only(
-        user_tag=user_tag, bot_tag=bot_tag, persona=unescape(persona)))
+    settings = ChatSettings(generation=generation, chat_template=chat_template, **set_only(persona=unescape(persona)))
     if seed_dialogue is not None:
-        turns = read_dialogue(seed_dialogue, settings.user_tag, settings.bot_tag)
-        settings = dataclasses.replace(settings, seed_dialogue=turns)
+        settings = dataclasses.replace(settings, seed_dialogue=read_dialogue(seed_dialogue))
     session = Chat(model, settings)
     if once is not None:
         reply = session.send(once)
@@ -109,7 +113,7 @@ def chat(
     err.print("/reset starts over, /exit or Ctrl-D leaves", style="dim")
     while True:
         try:
-            message = out.input(f"{escape(settings.user_tag)} ").strip()
+            message = out.input(f"{escape(USER_LABEL)} ").strip()
         except (EOFError, KeyboardInterrupt):
             break
         if message in ("/exit", "/выход"):
@@ -117,7 +121,7 @@ def chat(
         if message == "/reset":
             session.reset()
         elif message:
-            out.print(f"{settings.bot_tag} ", end="", markup=False)
+            out.print(f"{ASSISTANT_LABEL} ", end="", markup=False)
             pending = ""  # whitespace is printed only once more text follows it: a reply ends without it
             try:
                 for piece in session.stream(message):
