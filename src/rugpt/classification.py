@@ -21,8 +21,7 @@ from rugpt.errors import DataError, UsageError
 from rugpt.jsonl import iter_jsonl, string_field
 from rugpt.models import LoadedModel
 from rugpt.scoring import Scorer, ScoreSettings
-
-TEXT, LABEL = "{text}", "{label}"
+from rugpt.templates import Template
 
 
 class Normalization(str, Enum):
@@ -85,15 +84,16 @@ class ClassifierSettings:
                 raise UsageError(f"templates has {len(self.templates)} label(s); classification needs at least 2")
             for label, template in self.templates.items():
                 _check_label(label)
-                if TEXT not in template:
-                    raise UsageError(f"template of label {label!r} has no {TEXT}: {template!r}")
+                try:
+                    Template(template).require({"text"}, {"text"})
+                except UsageError as exc:
+                    raise UsageError(f"template of label {label!r}: {exc}") from None
             return
         if self.template is None:
-            raise UsageError(f"no template: give template (with {TEXT}) and labels, or one template per label")
-        if TEXT not in self.template:
-            raise UsageError(f"template has no {TEXT} placeholder: {self.template!r}")
-        if self.template.count(LABEL) > 1:
-            raise UsageError(f"template has {LABEL} more than once: {self.template!r}")
+            raise UsageError("no template: give template (with {text}) and labels, or one template per label")
+        fields = Template(self.template).require({"text"}, {"text", "label"}).fields
+        if fields.count("label") > 1:
+            raise UsageError(f"template has {{label}} more than once: {self.template!r}")
         if len(self.labels) < 2:
             raise UsageError(f"labels={list(self.labels)}: classification needs at least 2 labels")
         if len(set(self.labels)) != len(self.labels):
@@ -109,19 +109,18 @@ class ClassifierSettings:
         """One (context, target) per label: the target's log-prob is the label's score."""
         shots = "".join(self.render(example) + self.separator for example in self.examples)
         if self.templates:
-            return [(shots, _fill(template, text)) for template in self.templates.values()]
-        before, after = _split_at_label(self.template)
+            return [(shots, Template(template).fill({"text": text})) for template in self.templates.values()]
+        context, after = _split_at_label(self.template, text)
         # The space before the label belongs to the label, as in training text: " хорошо" is one word-token.
-        context = _fill(before, text)
         gap = context[len(context.rstrip(" ")):]
-        return [(shots + context.rstrip(" "), gap + label + _fill(after, text)) for label in self.labels]
+        return [(shots + context.rstrip(" "), gap + label + after) for label in self.labels]
 
     def render(self, example: LabeledText) -> str:
         """A labelled example as the model sees it in the few-shot block."""
         if self.templates:
-            return _fill(self.templates[example.label], example.text)
-        before, after = _split_at_label(self.template)
-        return _fill(before, example.text) + example.label + _fill(after, example.text)
+            return Template(self.templates[example.label]).fill({"text": example.text})
+        before, after = _split_at_label(self.template, example.text)
+        return before + example.label + after
 
 
 @dataclass
@@ -267,14 +266,10 @@ def _check_label(label: str) -> None:
         raise UsageError(f"label {label!r} is empty: every label needs some text")
 
 
-def _fill(template: str, text: str) -> str:
-    # replace, not str.format: texts and templates may hold other braces.
-    return template.replace(TEXT, text)
-
-
-def _split_at_label(template: str) -> tuple[str, str]:
-    """The template before and after {label}; without one, the label goes after a space at the end."""
-    if LABEL in template:
-        before, after = template.split(LABEL)
-        return before, after
-    return (template if template.endswith((" ", "\n")) else template + " "), ""
+def _split_at_label(template: str, text: str) -> tuple[str, str]:
+    """The filled template before and after {label}; without one, the label goes after a space at the end."""
+    parsed = Template(template)
+    if "label" in parsed.fields:
+        return parsed.split_at("label", {"text": text})
+    filled = parsed.fill({"text": text})
+    return (filled if filled.endswith((" ", "\n")) else filled + " "), ""

@@ -86,7 +86,7 @@ def test_recommender_on_the_shipped_catalogue(bundled):
 
 @pytest.mark.parametrize("args, needle", [
     (("classify", "Текст", "-t", "{text}:"), "needs at least 2 labels"),
-    (("classify", "Текст", "-t", "Без текста", "-l", "а", "-l", "б"), "has no {text}"),
+    (("classify", "Текст", "-t", "Без текста", "-l", "а", "-l", "б"), "lacks {text}"),
     (("classify", "-t", "{text}", "-l", "а", "-l", "б", "--eval", "/nonexistent/eval.jsonl"), "cannot read"),
     (("score", "--jsonl", "{bad}"), "bad.jsonl:3: invalid JSON"),
     (("score", " "), "text #1 is empty"),

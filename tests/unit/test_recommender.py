@@ -120,7 +120,7 @@ def test_sampling_on_a_tiny_model_is_repeatable_with_a_seed(tiny):
 
 @pytest.mark.parametrize("settings, needle", [
     (dict(samples=0), "samples=0"), (dict(top=0), "top=0"), (dict(quotes="<>"), "quotes='<>'"),
-    (dict(seed_template="без списка"), "no {items}"), (dict(temperature=0), "temperature=0"),
+    (dict(seed_template="без списка"), "lacks {items}"), (dict(temperature=0), "temperature=0"),
     (dict(domain=" "), "domain is empty"), (dict(min_similarity=0), "min_similarity=0"),
 ])
 def test_invalid_settings_are_usage_errors(settings, needle):

@@ -20,6 +20,7 @@ from rugpt.errors import DataError, UsageError
 from rugpt.generation import GenerationSettings
 from rugpt.jsonl import iter_jsonl
 from rugpt.models import LoadedModel
+from rugpt.templates import Template
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 QUOTES = {"«»": ("«", "»"), '""': ('"', '"')}
@@ -131,12 +132,12 @@ class RecommenderSettings:
             (self.samples >= 1, f"samples={self.samples} must be >= 1"),
             (self.top >= 1, f"top={self.top} must be >= 1"),
             (self.quotes in QUOTES, f"quotes={self.quotes!r} must be one of {', '.join(QUOTES)}"),
-            ("{items}" in self.seed_template, f"seed_template has no {{items}}: {self.seed_template!r}"),
             (0 < self.min_similarity <= 1, f"min_similarity={self.min_similarity} must be in (0, 1]"),
         ]
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
+        Template(self.seed_template).require({"items"}, {"items", "domain"})
         self.generation()  # validates the sampling fields with GenerationSettings' own rules
 
     def generation(self) -> GenerationSettings:
@@ -151,7 +152,7 @@ class RecommenderSettings:
         """The left context: the domain, the liked items in quotes, and an opening quote to start a title."""
         open_quote, close_quote = QUOTES[self.quotes]
         items = ", ".join(f"{open_quote}{item.strip()}{close_quote}" for item in liked)
-        return self.seed_template.replace("{domain}", self.domain).replace("{items}", items) + open_quote
+        return Template(self.seed_template).fill({"domain": self.domain, "items": items}) + open_quote
 
 
 @dataclass
