@@ -42,21 +42,23 @@ def test_uncached_hub_model_offline_gives_one_sentence():
     assert "\n" not in message
 
 
-def test_folder_with_an_empty_bin_is_refused(tmp_path, tiny_model_dir):
-    folder = tmp_path / "pickled"
+def config_only(tiny_model_dir, folder):
+    """A folder with the tiny model's config and tokenizer but no weights."""
     folder.mkdir()
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         (folder / name).write_bytes((tiny_model_dir / name).read_bytes())
+    return folder
+
+
+def test_folder_with_an_empty_bin_is_refused(tmp_path, tiny_model_dir):
+    folder = config_only(tiny_model_dir, tmp_path / "pickled")
     torch.save({}, folder / "pytorch_model.bin")
     with pytest.raises(ModelNotFound, match="holds no tensors"):
         load(str(folder))
 
 
 def test_folder_without_weights_is_refused(tmp_path, tiny_model_dir):
-    folder = tmp_path / "bare"
-    folder.mkdir()
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-        (folder / name).write_bytes((tiny_model_dir / name).read_bytes())
+    folder = config_only(tiny_model_dir, tmp_path / "bare")
     with pytest.raises(ModelNotFound, match="has no weights: expected model.safetensors"):
         load(str(folder))
 
@@ -64,10 +66,7 @@ def test_folder_without_weights_is_refused(tmp_path, tiny_model_dir):
 def test_checkpoint_missing_tensors_is_refused_not_filled_with_random_weights(tmp_path, tiny_model_dir):
     from safetensors.torch import load_file, save_file
 
-    folder = tmp_path / "partial"
-    folder.mkdir()
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-        (folder / name).write_bytes((tiny_model_dir / name).read_bytes())
+    folder = config_only(tiny_model_dir, tmp_path / "partial")
     state = load_file(tiny_model_dir / "model.safetensors")
     del state["transformer.h.1.mlp.c_fc.weight"]
     save_file(state, folder / "model.safetensors")
