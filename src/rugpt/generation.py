@@ -83,6 +83,11 @@ class GenerationSettings:
              f"num_return_sequences={self.num_return_sequences} needs sampling without beams (num_beams=1) or "
              f"num_beams >= it (num_beams={self.num_beams})"),
             (all(self.stop), "stop strings must not be empty"),
+            # transformers' beam sampling raises on extreme temperatures and top_p (NaN probabilities) where
+            # rugpt's own sampler does not: beams are the deterministic search, sampling runs without them.
+            (self.num_beams == 1 or not self.do_sample,
+             f"num_beams={self.num_beams} with do_sample=True: beam search is deterministic here; use "
+             f"do_sample=False for beams, or num_beams=1 to sample"),
         ]
         for ok, message in checks:
             if not ok:

@@ -31,7 +31,7 @@ from rugpt.serve.schemas import (
     ModelList,
     Usage,
 )
-from rugpt.serve.service import CHAT_STOP, GenerationService, QueueUpdate, render_chat
+from rugpt.serve.service import GenerationService, QueueUpdate
 
 # security: a client-chosen request id is short and plain, so it cannot inject into headers or logs.
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{8,64}$")
@@ -87,9 +87,10 @@ async def completions(body: CompletionRequest, request: Request, key: str | None
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion)
 async def chat_completions(body: ChatCompletionRequest, request: Request, key: str | None = Depends(require_key)):
-    """Answer a conversation: the messages become a 'Пользователь: … / Ассистент:' transcript for the model."""
-    service_of(request).check_model(body.model)
-    return await _serve(request, body, [render_chat(body.messages)], key, chat=True, budget=body.token_budget)
+    """Answer a conversation: the messages become the model's prompt by rugpt's one chat format."""
+    service = service_of(request)
+    service.check_model(body.model)
+    return await _serve(request, body, [service.render_chat(body.messages)], key, chat=True, budget=body.token_budget)
 
 
 @router.delete("/v1/requests/{request_id}")
@@ -107,7 +108,7 @@ async def cancel_request(request_id: str, request: Request, key: str | None = De
 
 async def _serve(request: Request, body, texts: list[str], key: str | None, chat: bool, budget: int | None):
     service = service_of(request)
-    settings = service.settings_from(body, budget, CHAT_STOP if chat else ())
+    settings = service.settings_from(body, budget, service.chat_format.stop if chat else ())
     prompts = [service.encode(text, body.trained_prompt) for text in texts]
     decode = service.build(prompts, settings, body.trained_prompt, body.stream, budget_given=budget is not None)
     ticket = service.submit(decode, key, _request_id(request, "chatcmpl" if chat else "cmpl"))

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from rugpt.chat_format import ChatFormat
 from rugpt.errors import UsageError
 from rugpt.generation import Completion, GenerationSettings
 from rugpt.models import LoadedModel
@@ -24,8 +25,6 @@ from rugpt.serve.trained import TrainedPrompts, unknown_prompt_message
 
 # security: a text this many characters per allowed token is refused before the tokenizer ever sees it.
 MAX_CHARS_PER_TOKEN = 32
-ROLE_LABELS = {"user": "Пользователь", "assistant": "Ассистент"}
-CHAT_STOP = ("\nПользователь:",)
 
 
 @dataclass(frozen=True)
@@ -34,16 +33,6 @@ class QueueUpdate:
 
     position: int
     expected_wait: float | None
-
-
-def render_chat(messages: list[ChatMessage]) -> str:
-    """A conversation as the plain transcript a GPT-2 model continues: system text, then 'Роль: текст' lines."""
-    lines = []
-    for message in messages:
-        label = ROLE_LABELS.get(message.role)
-        lines.append(f"{label}: {message.text.strip()}" if label else message.text.strip() + "\n")
-    lines.append(f"{ROLE_LABELS['assistant']}:")
-    return "\n".join(lines)
 
 
 def _is_unicode(text: str) -> bool:
@@ -64,6 +53,12 @@ class GenerationService:
         self.context = loaded.context_length
         self.max_prompt_tokens = min(settings.max_prompt_tokens or self.context - 1, self.context - 1)
         self.model_id = settings.served_name or Path(loaded.name).name
+        self.chat_format = ChatFormat.resolve(self.tokenizer)  # the same prompt `rugpt chat` builds
+
+    def render_chat(self, messages: list[ChatMessage]) -> str:
+        """A conversation as the model's prompt (rugpt.chat_format; OpenAI's 'developer' role is a system one)."""
+        return self.chat_format.render(self.tokenizer, [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in messages])
 
     # --- building a decode request ------------------------------------------------------------------------------
 
