@@ -54,3 +54,38 @@ def qa_jsonl(path: Path, rows: int = 20) -> Path:
 
 def metrics(out: Path) -> dict:
     return json.loads((out / "metrics.json").read_text())
+
+
+PEAK_CHILD = r"""
+import json, sys, tempfile
+import torch
+import accelerate, peft, transformers  # imports are the process's runtime, not the run's memory
+from rugpt.training import finetune as finetune_module, memory, plan  # noqa: F401
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+options = json.loads(sys.argv[1])
+torch.set_num_threads(1)
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the peak (VmHWM) restarts from what the process holds now
+before, seen = status("VmRSS"), {}
+with tempfile.TemporaryDirectory() as out:
+    finetune_module.finetune(options.pop("data"), out + "/run", options.pop("model"),
+                             on_event=lambda e: seen.setdefault(e.kind, e), **options)
+print(json.dumps({"measured": status("VmHWM") - before, "estimated": seen["plan"].plan.estimate.total}))
+"""
+
+
+def measured_and_estimated_peak(model: Path, data: Path, **options) -> dict:
+    """Fine-tune in a fresh process; its peak resident memory above what it held before (VmHWM after writing 5
+    to clear_refs, as benchmarks/load_memory.py does) and the planner's estimate, in bytes."""
+    import os
+    import subprocess
+    import sys
+
+    arguments = {"data": str(data), "model": str(model), "eval_fraction": 0, "save_every": 10**9,
+                 "eval_every": 10**9, **options}
+    done = subprocess.run([sys.executable, "-c", PEAK_CHILD, json.dumps(arguments)], capture_output=True, text=True,
+                          timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -140,6 +140,7 @@ def test_early_stopping_ends_the_run(model_dir, poems, tmp_path):
 def test_token_loss_sum_counts_only_target_tokens(tiny):
     from rugpt.training.data import Blocks
     from rugpt.training.finetune import _token_loss_sum
+    from rugpt.training.loss import NextTokenLoss
 
     torch.manual_seed(0)
     tokens = torch.randint(1, 50, (2, 9))
@@ -148,7 +149,7 @@ def test_token_loss_sum_counts_only_target_tokens(tiny):
     blocks = Blocks(tokens, targets, documents=2, token_count=18)
     model = tiny.model
     with torch.no_grad():
-        loss, count = _token_loss_sum(model, blocks, torch.tensor([0, 1]), "cpu")
+        loss, count = _token_loss_sum(NextTokenLoss(model), blocks, torch.tensor([0, 1]), "cpu")
         logprobs = torch.log_softmax(model(input_ids=tokens).logits.float(), dim=-1)
     expected = -sum(float(logprobs[r, t - 1, tokens[r, t]]) for r in range(2) for t in range(1, 9) if targets[r, t])
     assert int(count) == 8 + 4

@@ -3,8 +3,8 @@
 import pytest
 
 from rugpt.errors import UsageError
-from rugpt.training.schedule import BatchPlan, DataOrder, dropout_seed, learning_rate, plan_batches
-from rugpt.training.settings import FinetuneSettings
+from rugpt.training.schedule import BatchPlan, DataOrder, dropout_seed, learning_rate, plan_batches, scheduled_lr
+from rugpt.training.settings import FinetuneSettings, Schedule
 
 
 def settings(**fields):
@@ -33,6 +33,18 @@ def test_learning_rate_warms_up_then_decays():
     assert learning_rate(s, 9, 10, 2) == pytest.approx(0.0386, abs=1e-3)
     assert learning_rate(settings(lr=1.0, schedule="linear"), 6, 10, 2) == pytest.approx(0.5)
     assert learning_rate(settings(lr=1.0, schedule="constant"), 9, 10, 2) == 1.0
+
+
+def test_one_schedule_serves_a_wall_clock_budget_with_a_floor():
+    assert scheduled_lr(1.0, 0, 4, 0.0, Schedule.cosine, floor=0.1) == 0.25  # warm-up ignores progress
+    assert scheduled_lr(1.0, 50, 4, 0.0, Schedule.cosine, floor=0.1) == 1.0
+    assert scheduled_lr(1.0, 50, 4, 1.0, Schedule.cosine, floor=0.1) == pytest.approx(0.1)
+    assert scheduled_lr(1.0, 50, 4, 7.0, Schedule.linear, floor=0.1) == pytest.approx(0.1)  # past the budget
+
+
+def test_settings_give_back_their_command_with_planner_flags():
+    command = settings(gradient_checkpointing=False, optimizer="adafactor", max_memory="16GB").to_command()
+    assert "--no-gradient-checkpointing --optimizer adafactor --max-memory 16GB" in command
 
 
 def test_dropout_seed_depends_on_seed_step_and_place_only():

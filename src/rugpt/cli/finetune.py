@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from rugpt.cli.app import command, err, out, setting_help, unescape
-from rugpt.training.settings import LossOn, Method, Precision, Schedule
+from rugpt.cli.app import command, err, out, set_only, setting_help, unescape
+from rugpt.training.settings import LossOn, Method, Optimizer, Precision, Schedule
 
 
 def _ft_help(name: str) -> str:
@@ -34,6 +34,7 @@ def finetune(
     lora_alpha: Annotated[Optional[int], typer.Option(help=_ft_help("lora_alpha"))] = None,
     lora_dropout: Annotated[Optional[float], typer.Option(help=_ft_help("lora_dropout"))] = None,
     lora_targets: Annotated[Optional[list[str]], typer.Option(help=_ft_help("lora_targets") + " (repeatable)")] = None,
+    quantize_base: Annotated[bool, typer.Option("--quantize-base", help=_ft_help("quantize_base"))] = False,
     merge: Annotated[bool, typer.Option("--merge", help=_ft_help("merge"))] = False,
     epochs: Annotated[Optional[float], typer.Option(help=_ft_help("epochs"))] = None,
     max_steps: Annotated[Optional[int], typer.Option(help=_ft_help("max_steps"))] = None,
@@ -44,8 +45,11 @@ def finetune(
     batch_size: Annotated[Optional[int], typer.Option(help=_ft_help("batch_size"))] = None,
     micro_batch_size: Annotated[Optional[int], typer.Option(help=_ft_help("micro_batch_size"))] = None,
     max_grad_norm: Annotated[Optional[float], typer.Option(help=_ft_help("max_grad_norm"))] = None,
-    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing",
-                                                         help=_ft_help("gradient_checkpointing"))] = False,
+    gradient_checkpointing: Annotated[Optional[bool], typer.Option(
+        "--gradient-checkpointing/--no-gradient-checkpointing", help=_ft_help("gradient_checkpointing"),
+        show_default=False)] = None,
+    optimizer: Annotated[Optional[Optimizer], typer.Option(help=_ft_help("optimizer"))] = None,
+    max_memory: Annotated[Optional[str], typer.Option(help=_ft_help("max_memory"))] = None,
     precision: Annotated[Optional[Precision], typer.Option(help=_ft_help("precision"))] = None,
     seed: Annotated[Optional[int], typer.Option(help=_ft_help("seed"))] = None,
     eval_every: Annotated[Optional[int], typer.Option(help=_ft_help("eval_every"))] = None,
@@ -55,28 +59,38 @@ def finetune(
     keep_checkpoints: Annotated[Optional[int], typer.Option(help=_ft_help("keep_checkpoints"))] = None,
     resume: Annotated[bool, typer.Option("--resume", help=_ft_help("resume"))] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help=_ft_help("overwrite"))] = False,
+    plan: Annotated[bool, typer.Option("--plan", help="print the memory plan and its estimate, and exit without "
+                                                     "loading the model")] = False,
 ) -> None:
     """Fine-tune a model on your texts (full or LoRA); resumable; runs under `accelerate launch` as well."""
+    import dataclasses
+
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from rugpt.training.finetune import finetune as run
+    from rugpt.training.finetune import plan as plan_only
     from rugpt.training.report import perplexity
+    from rugpt.training.settings import FinetuneSettings
 
-    given = {"eval_data": eval_data, "eval_fraction": eval_fraction, "template": unescape(template), "loss_on": loss_on,
-             "block_size": block_size, "method": method, "lora_r": lora_r, "lora_alpha": lora_alpha,
-             "lora_dropout": lora_dropout, "lora_targets": tuple(lora_targets) if lora_targets else None,
-             "merge": merge, "epochs": epochs, "max_steps": max_steps, "lr": lr, "schedule": schedule,
-             "warmup_steps": warmup_steps, "weight_decay": weight_decay, "batch_size": batch_size,
-             "micro_batch_size": micro_batch_size, "max_grad_norm": max_grad_norm,
-             "gradient_checkpointing": gradient_checkpointing, "precision": precision, "seed": seed,
-             "eval_every": eval_every, "max_eval_blocks": max_eval_blocks, "patience": patience,
-             "save_every": save_every, "keep_checkpoints": keep_checkpoints, "resume": resume, "overwrite": overwrite}
+    arguments = locals()  # the options, named as the settings' fields (a few take a shape of their own below)
+    names = {f.name for f in dataclasses.fields(FinetuneSettings)} - {"data", "out", "model"}
+    given = set_only(**{name: arguments[name] for name in names})
+    given |= set_only(template=unescape(template), lora_targets=tuple(lora_targets) if lora_targets else None)
+    if plan:
+        out.print(plan_only(data, out_dir, model, **given).describe())
+        return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     progress = Progress(*columns, console=err)
     task = progress.add_task("fine-tuning", total=None)
 
+    planned = []
+
     def on_event(event) -> None:  # called in the main process only
-        if event.kind == "start":  # after every check has passed: errors never share the screen with a bar
+        if event.kind == "plan":
+            planned.append(event.plan)
+        elif event.kind == "start":  # after every check has passed: errors never share the screen with a bar
+            if planned:
+                err.print(planned[0].describe())
             progress.update(task, total=event.total_steps, completed=event.step)
             progress.start()
         elif event.kind == "step":
@@ -87,7 +101,7 @@ def finetune(
                                    f"perplexity {perplexity(event.eval_loss):.2f}")
 
     try:
-        result = run(data, out_dir, model, on_event=on_event, **{k: v for k, v in given.items() if v is not None})
+        result = run(data, out_dir, model, on_event=on_event, **given)
     finally:
         progress.stop()
     if not result.is_main_process:

@@ -34,14 +34,15 @@ _WORD = re.compile(r"[а-яё]+(?:-[а-яё]+)*", re.IGNORECASE)
 @torch.no_grad()
 def heldout_perplexity(model, tokens: np.ndarray, characters: int, block: int) -> dict:
     """Perplexity over the whole held-out stream in consecutive windows of `block` tokens."""
+    from rugpt.training.loss import loss_on_targets
+
     model.eval()
     total_nats, counted = 0.0, 0
     for start in range(0, len(tokens) - 1, block):
         window = torch.from_numpy(tokens[start : start + block + 1].astype(np.int64))
         if len(window) < 2:
             break
-        logits = model(window[None, :-1]).logits[0]
-        total_nats += torch.nn.functional.cross_entropy(logits, window[1:], reduction="sum").item()
+        total_nats += float(loss_on_targets(model, window[None, :-1], window[None, 1:]))
         counted += len(window) - 1
     return {
         "tokens": counted,
@@ -72,12 +73,16 @@ def sample_texts(loaded, count_per_prompt: int = 3, max_new_tokens: int = 80) ->
 
 def export_bundle(run_dir: Path, dest: Path, training_minutes: float | None = None) -> dict:
     """Evaluate the run's checkpoint and write model, tokenizer, metrics and model card into `dest`."""
+    from rugpt.errors import UsageError
     from rugpt.models import load
+    from rugpt.training.checkpoints import latest_checkpoint
 
-    checkpoint, tokens_dir = run_dir / "checkpoint", run_dir / "tokens"
+    checkpoint, tokens_dir = latest_checkpoint(run_dir), run_dir / "tokens"
+    if checkpoint is None:
+        raise UsageError(f"run={str(run_dir)!r} has no checkpoint; run `rugpt pretrain --out {run_dir}` first")
     with atomic_write_dir(dest) as tmp:
         for name in ("config.json", "generation_config.json", "model.safetensors"):
-            shutil.copy2(checkpoint / name, tmp / name)
+            shutil.copy2(checkpoint / "model" / name, tmp / name)
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy2(run_dir / "tokenizer" / name, tmp / name)
         loaded = load(str(tmp), device="cpu")
@@ -89,7 +94,7 @@ def export_bundle(run_dir: Path, dest: Path, training_minutes: float | None = No
         metrics = {
             "parameters": loaded.model.num_parameters(),
             "steps": state["step"],
-            "tokens_seen": state["history"][-1]["tokens_seen"],
+            "tokens_seen": state["tokens_seen"],
             "training_minutes": training_minutes or round(state["elapsed"] / 60, 1),
             "train": {k: stats["train"][k] for k in ("documents", "characters", "tokens")},
             "heldout": {k: stats["heldout"][k] for k in ("documents", "characters", "tokens")}
@@ -97,7 +102,7 @@ def export_bundle(run_dir: Path, dest: Path, training_minutes: float | None = No
             "heldout_sources": stats["heldout"]["sources"],
             "real_words": real_word_share(samples),
             "samples": [f"{p}{t}" for p, t in zip(SAMPLE_PROMPTS, samples[::3], strict=True)],
-            "history": state["history"],
+            "history": state["evals"],
         }
         (tmp / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=1))
         (tmp / "README.md").write_text(model_card(metrics, loaded.model.config))

@@ -1,12 +1,13 @@
-"""Checkpoints of a fine-tuning run: written atomically, the last K kept, the latest found and restored exactly.
+"""Checkpoints of a training run (fine-tuning and pre-training alike): written atomically, the last K kept,
+the latest found and restored exactly.
 
 A checkpoint is a folder `checkpoints/step-NNNNNN/` holding
   model/            the weights (full model) or the adapter (LoRA), loadable with `from_pretrained`
-  optimizer-R.pt    AdamW state: one file from process 0, or one per process when the optimizer is sharded
+  optimizer-R.pt    optimizer state: one file from process 0, or one per process when the optimizer is sharded
   state.json        step, losses, early-stopping counters, a hash of the data
 The folder appears under its final name only when complete (`atomic_write_dir`), so a crash while writing
 leaves the previous checkpoint as the latest. Data order and dropout need no saved random state: both are
-functions of seed and step (see finetune.py), so a resumed run continues exactly.
+functions of seed and step (see schedule.py), so a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from rugpt.atomic import atomic_write_dir
+from rugpt.training.loss import NextTokenLoss
 
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -39,8 +41,8 @@ class TrainerState:
     evals_without_improvement: int = 0
     num_processes: int = 1
     data_fingerprint: str = ""
-    history: list[dict] = field(default_factory=list)  # one {"step", "loss", "lr"} per optimizer step
-    evals: list[dict] = field(default_factory=list)  # one {"step", "eval_loss"} per evaluation
+    history: list[dict] = field(default_factory=list)  # one {"step", "loss", "lr"} per optimizer step (or logged step)
+    evals: list[dict] = field(default_factory=list)  # one {"step", "eval_loss", ...} per evaluation
 
     @classmethod
     def from_json(cls, data: dict) -> TrainerState:
@@ -78,21 +80,33 @@ def prune(out: Path, keep: int) -> None:
         shutil.rmtree(doomed, ignore_errors=True)
 
 
+def step_folder(out: Path, step: int) -> Path:
+    return Path(out) / CHECKPOINTS / f"step-{step:06d}"
+
+
+def _write_parts(folder: Path, model, state_dict: dict | None, optimizer, state: TrainerState, rank: int,
+                 main: bool, own_optimizer_file: bool) -> None:
+    if main:
+        model.save_pretrained(folder / "model", state_dict=state_dict)
+        (folder / "state.json").write_text(json.dumps(dataclasses.asdict(state)))
+    if own_optimizer_file or main:
+        torch.save(optimizer.state_dict(), folder / f"optimizer-{rank}.pt")
+
+
 def save_checkpoint(accelerator, out: Path, model, optimizer, state: TrainerState, keep: int,
                     sharded_optimizer: bool) -> Path:
-    """Write a checkpoint from every process (each adds its own part) and make it the latest atomically."""
+    """Write a checkpoint from every process (each adds its own part) and make it the latest atomically.
+
+    `model` is what accelerate prepared: the language model, or the `NextTokenLoss` wrapped around it."""
     from accelerate.utils import broadcast_object_list
 
-    target = Path(out) / CHECKPOINTS / f"step-{state.step:06d}"
-    full_state = accelerator.get_state_dict(model)  # collective under FSDP / DeepSpeed: every process calls it
+    target = step_folder(out, state.step)
+    language_model, full_state = unwrapped_model(accelerator, model)  # collective under FSDP / DeepSpeed
     rank = accelerator.process_index
 
     def write_parts(folder: Path) -> None:
-        if accelerator.is_main_process:
-            accelerator.unwrap_model(model).save_pretrained(folder / "model", state_dict=full_state)
-            (folder / "state.json").write_text(json.dumps(dataclasses.asdict(state)))
-        if sharded_optimizer or accelerator.is_main_process:
-            torch.save(optimizer.state_dict(), folder / f"optimizer-{rank}.pt")
+        _write_parts(folder, language_model, full_state, optimizer, state, rank, accelerator.is_main_process,
+                     sharded_optimizer)
 
     if accelerator.is_main_process:
         with atomic_write_dir(target) as tmp:
@@ -107,6 +121,26 @@ def save_checkpoint(accelerator, out: Path, model, optimizer, state: TrainerStat
         accelerator.wait_for_everyone()
     accelerator.wait_for_everyone()  # nobody goes on before the checkpoint has its final name
     return target
+
+
+def save_local_checkpoint(out: Path, model, optimizer, state: TrainerState, keep: int) -> Path:
+    """The same checkpoint from one process without accelerate (the pre-training recipe)."""
+    target = step_folder(out, state.step)
+    with atomic_write_dir(target) as tmp:
+        _write_parts(tmp, model, None, optimizer, state, 0, main=True, own_optimizer_file=False)
+    prune(out, keep)
+    return target
+
+
+def unwrapped_model(accelerator, prepared) -> tuple[object, dict]:
+    """The language model inside what accelerate prepared, and its full state dict (keys of the language model;
+    a collective call under FSDP / DeepSpeed, so every process makes it)."""
+    state = accelerator.get_state_dict(prepared)
+    inner = accelerator.unwrap_model(prepared)
+    language_model = inner.model if isinstance(inner, NextTokenLoss) else inner
+    if language_model is not inner and state is not None:
+        state = {k.removeprefix("model."): v for k, v in state.items()}
+    return language_model, state
 
 
 def load_weights(folder: Path, model, lora: bool) -> None:
@@ -128,9 +162,14 @@ def load_weights(folder: Path, model, lora: bool) -> None:
 
 def load_training_state(folder: Path, accelerator, optimizer) -> TrainerState:
     """Restore the optimizer (call after `accelerator.prepare`) and return the progress."""
-    own = folder / f"optimizer-{accelerator.process_index}.pt"
-    # security: weights_only refuses pickled code; these files hold tensors and numbers only.
-    optimizer.load_state_dict(torch.load(own if own.exists() else folder / "optimizer-0.pt", weights_only=True))
-    state = TrainerState.from_json(json.loads((folder / "state.json").read_text()))
+    state = load_optimizer_and_state(folder, optimizer, accelerator.process_index)
     state.num_processes = accelerator.num_processes
     return state
+
+
+def load_optimizer_and_state(folder: Path, optimizer, rank: int = 0) -> TrainerState:
+    """Restore this process's optimizer state (its own file, else process 0's) and return the progress."""
+    own = folder / f"optimizer-{rank}.pt"
+    # security: weights_only refuses pickled code; these files hold tensors and numbers only.
+    optimizer.load_state_dict(torch.load(own if own.exists() else folder / "optimizer-0.pt", weights_only=True))
+    return TrainerState.from_json(json.loads((folder / "state.json").read_text()))

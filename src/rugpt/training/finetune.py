@@ -17,7 +17,6 @@ import os
 import signal
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,15 +26,21 @@ import torch
 from rugpt.errors import UsageError
 from rugpt.training.checkpoints import TrainerState, load_training_state, load_weights, save_checkpoint
 from rugpt.training.data import Blocks, FinetuneData, load_data
+from rugpt.training.loss import IGNORE_INDEX, NextTokenLoss
+from rugpt.training.memory import return_freed_memory
+from rugpt.training.model_prep import prepare_for_training
+from rugpt.training.optimizers import make_optimizer
+from rugpt.training.plan import TrainingPlan, lora_spec, plan_finetune
 from rugpt.training.report import DataSummary, perplexity, write_report
 from rugpt.training.run_folder import (
     check_out_folder,
     check_same_run,
+    recorded_plan,
     start_run_folder,
     write_final_model,
     write_metrics,
 )
-from rugpt.training.schedule import BatchPlan, DataOrder, dropout_seed, learning_rate, plan_batches
+from rugpt.training.schedule import BatchPlan, DataOrder, dropout_seed, learning_rate
 from rugpt.training.settings import FinetuneSettings, Method, Precision
 
 log = logging.getLogger(__name__)
@@ -43,7 +48,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainingEvent:
-    """What the loop reports to a progress display: kind is 'start', 'step', 'eval' or 'checkpoint'."""
+    """What the loop reports to a progress display: kind is 'plan', 'start', 'step', 'eval' or 'checkpoint'."""
 
     kind: str
     step: int
@@ -53,6 +58,7 @@ class TrainingEvent:
     lr: float | None = None
     tokens_per_second: float | None = None
     path: Path | None = None
+    plan: TrainingPlan | None = None
 
 
 @dataclass
@@ -84,11 +90,25 @@ def finetune(data: str | Path, out: str | Path, model: str | None = None, *,
 
     Same as `rugpt finetune DATA --model M --out DIR`; under `accelerate launch` every process calls it.
     """
+    return run_finetune(_settings(data, out, model, options), on_event)
+
+
+def plan(data: str | Path, out: str | Path, model: str | None = None, **options) -> TrainingPlan:
+    """What `finetune` with these arguments would do to fit memory, and its estimate; loads no weights.
+
+    Same as `rugpt finetune DATA --model M --out DIR --plan`; raises UsageError when nothing fits.
+    """
+    settings = _settings(data, out, model, options)
+    checkpoint = check_out_folder(settings) if settings.resume else None
+    return plan_finetune(settings, pinned_optimizer=recorded_plan(settings.out) if checkpoint else None)
+
+
+def _settings(data, out, model, options: dict) -> FinetuneSettings:
     names = {f.name for f in dataclasses.fields(FinetuneSettings)}
     unknown = sorted(set(options) - names)
     if unknown:
         raise UsageError(f"unknown fine-tuning setting(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
-    return run_finetune(FinetuneSettings(data=data, out=out, model=model, **options), on_event)
+    return FinetuneSettings(data=data, out=out, model=model, **options)
 
 
 def _mixed_precision(precision: Precision) -> str:
@@ -102,7 +122,8 @@ def _mixed_precision(precision: Precision) -> str:
 
 
 def _load_base(settings: FinetuneSettings):
-    """The model to start from, in fp32 on the CPU (accelerate moves it), and its source for the records."""
+    """The model to start from, on the CPU (accelerate moves it), and its source for the records: fp32, or with
+    int8 block weights read straight from the files under --quantize-base."""
     from transformers.utils import logging as hf_logging
 
     from rugpt.models import load, resolve
@@ -111,64 +132,28 @@ def _load_base(settings: FinetuneSettings):
     source = resolve(settings.model)
     if Path(source).is_dir():
         source = str(Path(source).resolve())  # adapters record their base: it must load from anywhere
+    if settings.quantize_base:
+        from rugpt.training.quantized import load_int8_base
+
+        return load_int8_base(source), source
     return load(source, device="cpu", dtype="float32"), source
 
 
-def _prepare_model(model, settings: FinetuneSettings):
-    """Turn on gradient checkpointing and wrap the model with LoRA adapters when asked."""
-    model.config.use_cache = False
-    if settings.gradient_checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable()
-    if settings.method == Method.lora:
-        from peft import LoraConfig, get_peft_model
-
-        targets = list(settings.lora_targets or _default_lora_targets(model))
-        # GPT-2's Conv1D layers store weights as (in, out): LoRA must know to transpose.
-        config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-                            target_modules=targets, task_type="CAUSAL_LM",
-                            fan_in_fan_out=model.config.model_type == "gpt2")
-        try:
-            with warnings.catch_warnings():  # peft still calls transformers' renamed checkpointing query
-                warnings.simplefilter("ignore", FutureWarning)
-                model = get_peft_model(model, config)
-        except ValueError as exc:
-            raise UsageError(f"lora_targets={targets} do not fit the model: {exc}") from None
-    model.train()
-    return model
+def _prepare_model(model, settings: FinetuneSettings, plan: TrainingPlan):
+    """Gradient checkpointing as planned, the int8 base and LoRA adapters as asked (training/model_prep.py)."""
+    return prepare_for_training(model, lora=lora_spec(settings, model.config.model_type),
+                                quantize_base=settings.quantize_base,
+                                gradient_checkpointing=plan.gradient_checkpointing)
 
 
-# The attention's input projections of each architecture rugpt loads (PEFT's own table lacks ruGPT-3 XL).
-DEFAULT_LORA_TARGETS = {"gpt2": ("c_attn",), "rugpt3xl": ("q_proj", "k_proj", "v_proj")}
+def _token_loss_sum(loss_model, blocks: Blocks, rows: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy over the target tokens of `rows`, and how many there are (no GPU sync).
 
-
-def _default_lora_targets(model) -> tuple[str, ...]:
-    model_type = model.config.model_type
-    if model_type not in DEFAULT_LORA_TARGETS:
-        raise UsageError(f"no default LoRA targets for model type {model_type!r}; name them with --lora-targets")
-    return DEFAULT_LORA_TARGETS[model_type]
-
-
-def _make_optimizer(model, settings: FinetuneSettings) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters, weight decay on matrices only (not biases or norms)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": settings.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=settings.lr)
-
-
-def _token_loss_sum(model, blocks: Blocks, rows: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy over the target tokens of `rows`, and how many there are (no GPU sync)."""
+    `loss_model` is a `NextTokenLoss` (as prepared by accelerate): the logits are never materialised whole."""
     tokens = blocks.tokens[rows].long().to(device)
-    targets = blocks.targets[rows, 1:].to(device)
-    # Labels shift left rather than logits: slicing the [batch, block, vocab] logits would copy them
-    # (hundreds of MB at ruGPT-3's vocabulary) and their gradient; the last position predicts nothing.
-    labels = torch.full_like(tokens, -100)
-    labels[:, :-1] = tokens[:, 1:].masked_fill(~targets, -100)
-    logits = model(input_ids=tokens, use_cache=False).logits
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                                             reduction="sum")
-    return loss, targets.sum()
+    targets = blocks.targets[rows].to(device)
+    loss = loss_model(input_ids=tokens, labels=tokens.masked_fill(~targets, IGNORE_INDEX))
+    return loss, targets[:, 1:].sum()
 
 
 @torch.no_grad()
@@ -230,8 +215,19 @@ def run_finetune(settings: FinetuneSettings,
     # Launched as several processes without GPUs, accelerate must be told to use the CPU (gloo); otherwise each
     # process would train alone.
     cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    plan = plan_batches(settings, PartialState(cpu=cpu).num_processes)
+    launch = PartialState(cpu=cpu)
     checkpoint = check_out_folder(settings)
+    # Sharded runs (FSDP, DeepSpeed) hold a share of the state in each process: the estimate, which assumes a
+    # whole copy per process, is an upper bound there, so it plans but does not refuse.
+    sharded_launch = launch.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    training_plan = plan_finetune(settings, launch.num_processes, launch.device.type,
+                                  pinned_optimizer=recorded_plan(settings.out) if checkpoint else None,
+                                  budget=2**62 if sharded_launch else None)
+    plan = training_plan.batch
+    if launch.device.type == "cpu":
+        return_freed_memory()
+    if launch.is_main_process and on_event:
+        on_event(TrainingEvent("plan", 0, 0, plan=training_plan))
     loaded, base = _load_base(settings)
     data = load_data(settings, loaded.tokenizer, loaded.context_length)
     if settings.patience and data.heldout is None:
@@ -243,15 +239,16 @@ def run_finetune(settings: FinetuneSettings,
     accelerator = Accelerator(cpu=cpu, mixed_precision=_mixed_precision(settings.precision),
                               gradient_accumulation_steps=plan.accumulation)
     set_seed(settings.seed)  # the same adapter initialisation in every process
-    model = _prepare_model(loaded.model, settings)
+    model = _prepare_model(loaded.model, settings, training_plan)
     state = TrainerState(num_processes=plan.processes, data_fingerprint=data.train.fingerprint())
     if checkpoint is not None:
         check_same_run(settings, base, state.data_fingerprint, _read_state(checkpoint))
         load_weights(checkpoint, model, lora=settings.method == Method.lora)
-    optimizer = _make_optimizer(model, settings)
+    optimizer = make_optimizer(model, training_plan.optimizer, settings.lr, settings.weight_decay)
+    model = NextTokenLoss(model)  # what accelerate wraps: the loss is computed inside the (sharded) forward
     accelerator.wait_for_everyone()  # every process has checked `out` before the first one writes there
     if accelerator.is_main_process:
-        start_run_folder(settings, base, resuming=checkpoint is not None)
+        start_run_folder(settings, base, training_plan, resuming=checkpoint is not None)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         # DeepSpeed sizes its buffers from the micro-batch, which accelerate otherwise reads from a dataloader.
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = plan.micro
@@ -267,7 +264,7 @@ def run_finetune(settings: FinetuneSettings,
     loop = _Loop(settings, accelerator, model, optimizer, data, plan, state, on_event, sharded)
     stopped = loop.run()
     if stopped != "interrupted":
-        write_final_model(accelerator, model, loaded.tokenizer, settings)
+        write_final_model(accelerator, model, loaded.tokenizer, settings, base)
         if accelerator.is_main_process:
             _write_outputs(settings, base, data, state, stopped, loop)
     accelerator.wait_for_everyone()

@@ -4,13 +4,14 @@ nanoGPT-style: the corpus is tokenised once into flat uint16 arrays with `<|endo
 documents; training samples random blocks, uses AdamW with warm-up and a cosine decay driven by a
 wall-clock budget (so "train for an hour" means an hour on any machine), and bf16 autocast where the
 CPU supports it. Checkpoints are written atomically and a killed run resumes from the latest one.
+Loss, schedule, optimizer, checkpoints and loss plot are the fine-tuning's own (training/loss.py,
+schedule.py, optimizers.py, checkpoints.py, report.py): one implementation of each for every trainer.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,9 +19,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rugpt.atomic import atomic_write_dir, atomic_write_text
+from rugpt.atomic import atomic_write_text
 from rugpt.errors import UsageError
+from rugpt.training.checkpoints import (
+    TrainerState,
+    latest_checkpoint,
+    load_optimizer_and_state,
+    load_weights,
+    save_local_checkpoint,
+)
 from rugpt.training.corpus import Document, load_corpus
+from rugpt.training.loss import loss_on_targets
+from rugpt.training.optimizers import make_optimizer
+from rugpt.training.report import plot_loss_curve
+from rugpt.training.schedule import scheduled_lr
+from rugpt.training.settings import Optimizer, Schedule
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +42,8 @@ log = logging.getLogger(__name__)
 class PretrainSettings:
     """Settings of the bundled-model recipe; every default lives here."""
 
-    corpus: Path = field(default=Path("../shared/data/ruslit"), metadata={"help": "the RusLit folder"})
+    corpus: Path | None = field(default=None, metadata={
+        "help": "the RusLit folder (github.com/d0rj/RusLit); default: the one `rugpt train-tokenizer` was given"})
     tokenizer: Path = field(default=Path("runs/bundled/tokenizer"), metadata={"help": "the tokenizer's folder"})
     out: Path = field(default=Path("runs/bundled"), metadata={"help": "run folder: token cache, checkpoint, settings"})
     fortunes: bool = field(default=True, metadata={"help": "add Debian's fortunes-ru (GPL-2; sex-themed files out)"})
@@ -55,7 +69,8 @@ class PretrainSettings:
     threads: int = field(default=0, metadata={"help": "torch threads; 0 = torch's default"})
 
     def __post_init__(self) -> None:
-        self.corpus, self.tokenizer, self.out = Path(self.corpus), Path(self.tokenizer), Path(self.out)
+        self.tokenizer, self.out = Path(self.tokenizer), Path(self.out)
+        self.corpus = Path(self.corpus) if self.corpus is not None else None
         if self.n_embd % self.n_head:
             raise UsageError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.minutes <= 0 and self.max_steps <= 0:
@@ -64,12 +79,33 @@ class PretrainSettings:
             raise UsageError(f"heldout_fraction={self.heldout_fraction} must be in (0, 0.5)")
 
 
+CORPUS_RECORD = "rugpt_corpus.json"  # beside the tokenizer: which corpus it was trained on
+
+
+def corpus_folder(settings: PretrainSettings) -> Path:
+    """The corpus to read: --corpus, else the one recorded by `rugpt train-tokenizer`; a UsageError naming what
+    to give when there is neither or the folder is gone."""
+    corpus = settings.corpus
+    record = settings.tokenizer / CORPUS_RECORD
+    if corpus is None and record.is_file():
+        corpus = Path(json.loads(record.read_text())["corpus"])
+    if corpus is None:
+        raise UsageError("no corpus: give --corpus FOLDER, a copy of RusLit (git clone "
+                         "https://github.com/d0rj/RusLit), or train the tokenizer with it first")
+    if not corpus.is_dir():
+        raise UsageError(f"corpus={str(corpus)!r} is not a folder; give --corpus with the RusLit folder "
+                         f"(git clone https://github.com/d0rj/RusLit)")
+    return corpus
+
+
 def train_recipe_tokenizer(settings: PretrainSettings) -> tuple[int, float]:
     """Train the tokenizer on the training split; returns its size and held-out characters per token."""
     from rugpt.tokenizer import train_tokenizer
 
-    train, heldout = load_corpus(settings.corpus, settings.fortunes, settings.heldout_fraction)
+    corpus = corpus_folder(settings)
+    train, heldout = load_corpus(corpus, settings.fortunes, settings.heldout_fraction)
     tokenizer = train_tokenizer((d.text for d in train), settings.vocab_size, settings.tokenizer)
+    atomic_write_text(settings.tokenizer / CORPUS_RECORD, json.dumps({"corpus": str(corpus.resolve())}))
     text = "\n".join(d.text for d in heldout)
     return len(tokenizer), len(text) / max(1, len(tokenizer(text)["input_ids"]))
 
@@ -93,7 +129,7 @@ def prepare_tokens(settings: PretrainSettings, tokenizer) -> dict[str, np.ndarra
     names = ("train", "heldout")
     if all((cache / f"{n}.npy").exists() for n in names):
         return {n: np.load(cache / f"{n}.npy", mmap_mode="r") for n in names}
-    train, heldout = load_corpus(settings.corpus, settings.fortunes, settings.heldout_fraction)
+    train, heldout = load_corpus(corpus_folder(settings), settings.fortunes, settings.heldout_fraction)
     cache.mkdir(parents=True, exist_ok=True)
     stats = {}
     for name, docs in zip(names, (train, heldout), strict=True):
@@ -128,19 +164,14 @@ def heldout_loss(model, blocks: torch.Tensor, bf16: bool, batch: int = 16) -> fl
     for i in range(0, len(blocks), batch):
         chunk = blocks[i : i + batch]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(chunk[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten())
-        total += loss.item() * len(chunk)
+            total += float(loss_on_targets(model, chunk[:, :-1], chunk[:, 1:]))
     model.train()
-    return total / len(blocks)
+    return total / (len(blocks) * (blocks.shape[1] - 1))
 
 
 def learning_rate(settings: PretrainSettings, step: int, progress: float) -> float:
     """Linear warm-up over `warmup_steps`, then cosine decay to `min_lr` as progress goes 0 → 1."""
-    if step < settings.warmup_steps:
-        return settings.lr * (step + 1) / settings.warmup_steps
-    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return settings.min_lr + (settings.lr - settings.min_lr) * cosine
+    return scheduled_lr(settings.lr, step, settings.warmup_steps, progress, Schedule.cosine, settings.min_lr)
 
 
 def build_model(settings: PretrainSettings, vocab_size: int, eos_id: int):
@@ -163,59 +194,53 @@ def build_model(settings: PretrainSettings, vocab_size: int, eos_id: int):
     return GPT2LMHeadModel(config)
 
 
-def make_optimizer(model, settings: PretrainSettings) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not biases, norms or position tables)."""
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "wpe" not in n]
-    rest = [p for n, p in model.named_parameters() if p.dim() < 2 or "wpe" in n]
-    groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.95), fused=False)
+def make_recipe_optimizer(model, settings: PretrainSettings) -> torch.optim.Optimizer:
+    """AdamW (β2 0.95, as GPT-3) under the shared weight-decay rule (training/optimizers.py)."""
+    return make_optimizer(model, Optimizer.adamw, settings.lr, settings.weight_decay, betas=(0.9, 0.95))
 
 
-def save_state(out: Path, model, optimizer, state: dict) -> None:
-    """Write model, optimizer and progress as one folder that replaces the previous checkpoint atomically."""
-    with atomic_write_dir(out / "checkpoint") as tmp:
-        model.save_pretrained(tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps(state))
-
-
-def load_state(out: Path, model, optimizer) -> dict | None:
+def load_state(out: Path, model, optimizer) -> TrainerState | None:
     """Restore the latest checkpoint of this run folder (our own files only), or None when there is none."""
-    from safetensors.torch import load_file
-
-    ckpt = out / "checkpoint"
-    if not (ckpt / "state.json").exists():
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is None:
         return None
-    model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=False)
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-    return json.loads((ckpt / "state.json").read_text())
+    load_weights(checkpoint, model, lora=False)
+    return load_optimizer_and_state(checkpoint, optimizer)
 
 
 def pretrain(settings: PretrainSettings) -> dict:
-    """Run (or resume) the recipe; returns the final metrics. The model lands in `out/checkpoint`."""
+    """Run (or resume) the recipe; returns the last evaluation. The model lands in the latest checkpoint's
+    `model/` folder (`out/checkpoints/step-N/model`), its loss curve in `out/loss_curve.png`."""
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from rugpt.training.memory import return_freed_memory
+    from rugpt.training.model_prep import use_fused_gelu
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    return_freed_memory()
+    hf_logging.disable_progress_bar()
     torch.manual_seed(settings.seed)
     tokenizer = AutoTokenizer.from_pretrained(settings.tokenizer)
     tokens = prepare_tokens(settings, tokenizer)
     model = build_model(settings, len(tokenizer), tokenizer.eos_token_id)
-    optimizer = make_optimizer(model, settings)
-    state = load_state(settings.out, model, optimizer) or {"step": 0, "elapsed": 0.0, "history": []}
-    gen = torch.Generator().manual_seed(settings.seed + state["step"])
+    use_fused_gelu(model)
+    optimizer = make_recipe_optimizer(model, settings)
+    state = load_state(settings.out, model, optimizer) or TrainerState()
+    gen = torch.Generator().manual_seed(settings.seed + state.step)
     blocks = heldout_blocks(tokens["heldout"], settings.block_size, settings.eval_blocks)
     log.info("model: %.2fM parameters; train tokens: %d", model.num_parameters() / 1e6, len(tokens["train"]))
     atomic_write_text(settings.out / "settings.json", json.dumps(asdict(settings), default=str, indent=1))
     model.train()
-    started = time.monotonic() - state["elapsed"]
+    started = time.monotonic() - state.elapsed
     while True:
-        step, elapsed = state["step"], time.monotonic() - started
+        elapsed = time.monotonic() - started
         progress = max(elapsed / (settings.minutes * 60) if settings.minutes > 0 else 0.0,
-                       step / settings.max_steps if settings.max_steps > 0 else 0.0)
+                       state.step / settings.max_steps if settings.max_steps > 0 else 0.0)
         if progress >= 1.0:
             break
-        lr = learning_rate(settings, step, progress)
+        lr = learning_rate(settings, state.step, progress)
         for group in optimizer.param_groups:
             group["lr"] = lr
         short = progress < settings.short_until
@@ -223,28 +248,31 @@ def pretrain(settings: PretrainSettings) -> dict:
         batch = settings.batch_size * 2 if short else settings.batch_size
         x, y = sample_batch(tokens["train"], block, batch, gen)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
-            logits = model(x).logits
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            loss = loss_on_targets(model, x, y) / y.numel()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        state["step"] += 1
-        if state["step"] % 20 == 0:
-            tok_s = settings.batch_size * settings.block_size * state["step"] / max(time.monotonic() - started, 1e-9)
-            log.info("step %d  loss %.3f  lr %.2e  %.0f tok/s  %.1f min",
-                     state["step"], loss.item(), lr, tok_s, elapsed / 60)
-        if state["step"] % settings.eval_every == 0:
+        state.step += 1
+        state.tokens_seen += y.numel()
+        if state.step % 20 == 0:
+            state.history.append({"step": state.step, "loss": round(loss.item(), 4), "lr": lr})
+            log.info("step %d  loss %.3f  lr %.2e  %.0f tok/s  %.1f min", state.step, loss.item(), lr,
+                     state.tokens_seen / max(time.monotonic() - started, 1e-9), elapsed / 60)
+        if state.step % settings.eval_every == 0:
             _evaluate_and_save(settings, model, optimizer, state, blocks, time.monotonic() - started)
+    if state.evals and state.evals[-1]["step"] == state.step:  # the budget ended on an evaluation
+        return state.evals[-1]
     return _evaluate_and_save(settings, model, optimizer, state, blocks, time.monotonic() - started)
 
 
-def _evaluate_and_save(settings, model, optimizer, state, blocks, elapsed: float) -> dict:
+def _evaluate_and_save(settings, model, optimizer, state: TrainerState, blocks, elapsed: float) -> dict:
     loss = heldout_loss(model, blocks, settings.bf16)
-    state["elapsed"] = elapsed
-    entry = {"step": state["step"], "minutes": round(elapsed / 60, 2), "heldout_loss": round(loss, 4),
-             "tokens_seen": state["step"] * settings.batch_size * settings.block_size}
-    state["history"].append(entry)
+    state.elapsed = elapsed
+    entry = {"step": state.step, "minutes": round(elapsed / 60, 2), "eval_loss": round(loss, 4),
+             "tokens_seen": state.tokens_seen}
+    state.evals.append(entry)
     log.info("eval %s", entry)
-    save_state(settings.out, model, optimizer, state)
+    save_local_checkpoint(settings.out, model, optimizer, state, keep=1)
+    plot_loss_curve(state, settings.out / "loss_curve.png")
     return entry

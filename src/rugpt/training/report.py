@@ -1,14 +1,18 @@
-"""What a fine-tuning run leaves for people: a loss-curve PNG and a short model card (README.md)."""
+"""What a training run leaves for people: a loss-curve PNG (every trainer's) and a short model card (README.md)."""
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from rugpt.atomic import atomic_write_bytes, atomic_write_text
 from rugpt.training.checkpoints import TrainerState
 from rugpt.training.settings import FinetuneSettings, Method
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -27,18 +31,29 @@ def perplexity(loss: float | None) -> float | None:
     return None if loss is None else math.exp(min(loss, 700.0))
 
 
-def plot_loss_curve(state: TrainerState, path: Path) -> None:
-    """Training loss per step (faint), its moving average and the held-out loss at each evaluation."""
+def plot_loss_curve(state: TrainerState, path: Path) -> Path | None:
+    """A run's training loss per step and its held-out loss at each evaluation (fine-tuning, pre-training)."""
+    evals = [{"step": 0, "eval_loss": state.eval_loss_before}] if state.eval_loss_before is not None else []
+    return plot_losses(path, [(h["step"], h["loss"]) for h in state.history],
+                       [(e["step"], e["eval_loss"]) for e in evals + state.evals])
+
+
+def plot_losses(path: Path, train: Sequence[tuple[float, float]], heldout: Sequence[tuple[float, float]] = (),
+                x_label: str = "optimizer step") -> Path | None:
+    """The loss plot of every rugpt trainer: training loss (faint, with a moving average once there are many
+    points) and held-out loss, as a PNG written atomically. None, with a warning, when matplotlib is missing."""
     import io
 
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        log.warning("matplotlib is not installed (pip install 'rugpt[train]'): no loss plot")
+        return None
     matplotlib.use("Agg")  # no display on servers; Agg renders straight to PNG
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    steps = [h["step"] for h in state.history]
-    losses = [h["loss"] for h in state.history]
+    steps, losses = [x for x, _ in train], [y for _, y in train]
     window = max(1, len(losses) // 20)
     if window > 1:
         ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="train (per step)")
@@ -47,12 +62,9 @@ def plot_loss_curve(state: TrainerState, path: Path) -> None:
         ax.plot(steps, smooth, color="tab:blue", linewidth=2, label=f"train (mean of {window} steps)")
     elif steps:
         ax.plot(steps, losses, color="tab:blue", linewidth=2, label="train")
-    evals = ([{"step": 0, "eval_loss": state.eval_loss_before}] if state.eval_loss_before is not None else [])
-    evals += state.evals
-    if evals:
-        ax.plot([e["step"] for e in evals], [e["eval_loss"] for e in evals], "o-", color="tab:orange",
-                label="held-out")
-    ax.set_xlabel("optimizer step")
+    if heldout:
+        ax.plot([x for x, _ in heldout], [y for _, y in heldout], "o-", color="tab:orange", label="held-out")
+    ax.set_xlabel(x_label)
     ax.set_ylabel("cross-entropy (nats per token)")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -61,6 +73,7 @@ def plot_loss_curve(state: TrainerState, path: Path) -> None:
     fig.savefig(buffer, format="png")
     plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
+    return path
 
 
 def model_card(settings: FinetuneSettings, base: str, data: DataSummary, state: TrainerState, stopped: str) -> str:

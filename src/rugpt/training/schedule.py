@@ -24,25 +24,38 @@ class BatchPlan:
     processes: int
 
 
-def plan_batches(settings: FinetuneSettings, processes: int) -> BatchPlan:
-    """Split `batch_size` sequences per step into micro-batches per process and accumulation steps."""
-    micro = settings.micro_batch_size or max(1, settings.batch_size // processes)
+def plan_batches(settings: FinetuneSettings, processes: int, micro: int | None = None) -> BatchPlan:
+    """Split `batch_size` sequences per step into micro-batches (`micro`, else the settings', else the whole
+    per-process batch) per process and accumulation steps."""
+    micro = micro or settings.micro_batch_size or max(1, settings.batch_size // processes)
     if settings.batch_size % (micro * processes):
         raise UsageError(f"batch_size={settings.batch_size} must be a multiple of micro_batch_size × processes "
                          f"= {micro} × {processes}; change --batch-size or --micro-batch-size")
     return BatchPlan(micro, settings.batch_size // (micro * processes), processes)
 
 
-def learning_rate(settings: FinetuneSettings, step: int, total: int, warmup: int) -> float:
-    """Linear warm-up to `lr`, then the chosen decay towards 0 at the last step."""
+def scheduled_lr(peak: float, step: int, warmup: int, progress: float, shape: Schedule,
+                 floor: float = 0.0) -> float:
+    """The learning-rate schedule of every rugpt trainer: linear warm-up to `peak` over the first `warmup`
+    steps, then `shape` (cosine, linear or constant) from `peak` down to `floor` as `progress` goes 0 → 1.
+
+    Warm-up counts from 1/warmup, not 0, so the first step already learns (transformers' get_scheduler starts
+    at 0). `progress` is the caller's: share of the steps after warm-up (fine-tuning) or of the wall-clock
+    budget (pre-training). A function of its arguments only, so a resumed run needs no scheduler state.
+    """
     if step < warmup:
-        return settings.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    if settings.schedule == Schedule.cosine:
-        return settings.lr * 0.5 * (1 + math.cos(math.pi * progress))
-    if settings.schedule == Schedule.linear:
-        return settings.lr * (1 - progress)
-    return settings.lr
+        return peak * (step + 1) / warmup
+    progress = min(max(progress, 0.0), 1.0)
+    if shape == Schedule.cosine:
+        return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    if shape == Schedule.linear:
+        return floor + (peak - floor) * (1 - progress)
+    return peak
+
+
+def learning_rate(settings: FinetuneSettings, step: int, total: int, warmup: int) -> float:
+    """Fine-tuning's rate at `step` of `total`: the schedule decays towards 0 at the last step."""
+    return scheduled_lr(settings.lr, step, warmup, (step - warmup) / max(1, total - warmup), settings.schedule)
 
 
 class DataOrder:

@@ -6,6 +6,7 @@ Kept free of heavy imports: the CLI reads the help texts when it starts.
 from __future__ import annotations
 
 import dataclasses
+import re
 import shlex
 from dataclasses import dataclass, field
 from enum import Enum
@@ -36,6 +37,15 @@ class Schedule(str, Enum):
     constant = "constant"
 
 
+class Optimizer(str, Enum):
+    """What updates the weights; the lighter ones keep less state per parameter (see training/optimizers.py)."""
+
+    auto = "auto"  # AdamW, unless only a lighter optimizer fits --max-memory
+    adamw = "adamw"  # torch's AdamW: 8 bytes of state per trained parameter
+    adamw8bit = "adamw8bit"  # bitsandbytes' 8-bit AdamW (CUDA only): 2 bytes per parameter
+    adafactor = "adafactor"  # transformers' Adafactor: factored second moments, no momentum; ~0 per matrix entry
+
+
 class Precision(str, Enum):
     """Arithmetic of the forward and backward passes; weights and optimizer state stay fp32."""
 
@@ -51,8 +61,8 @@ MAX_BLOCK_SIZE = 1024
 # model are compared by a hash of the tokens and by the resolved model source). The rest (how long, how often
 # to evaluate or save, speed knobs) may change between sessions of a run.
 RUN_DEFINING = ("eval_fraction", "template", "loss_on", "block_size", "method", "lora_r", "lora_alpha",
-                "lora_dropout", "lora_targets", "lr", "schedule", "warmup_steps", "weight_decay", "batch_size",
-                "max_grad_norm", "seed")
+                "lora_dropout", "lora_targets", "quantize_base", "lr", "schedule", "warmup_steps", "weight_decay",
+                "batch_size", "optimizer", "max_grad_norm", "seed")
 
 
 def _opt(default, text: str):
@@ -81,6 +91,8 @@ class FinetuneSettings:
     lora_dropout: float = _opt(0.05, "dropout on the LoRA path")
     lora_targets: tuple[str, ...] = _opt((), "module names that get LoRA adapters; default: the attention's input "
                                               "projections (GPT-2: c_attn; ruGPT-3 XL: q_proj, k_proj, v_proj)")
+    quantize_base: bool = _opt(False, "LoRA: hold the frozen base's linear weights in int8 (a scale per output "
+                                      "row), a quarter of fp32; the adapter still loads on the float model")
     merge: bool = _opt(False, "LoRA: merge the adapters into the weights and save a plain model")
     epochs: float = _opt(3.0, "passes over the training data (ignored when --max-steps is given)")
     max_steps: int = _opt(0, "optimizer steps to train; 0 = as many as --epochs takes")
@@ -90,9 +102,15 @@ class FinetuneSettings:
     weight_decay: float = _opt(0.0, "AdamW weight decay on matrices")
     batch_size: int = _opt(8, "sequences per optimizer step, over all processes (the same on 1 or N processes)")
     micro_batch_size: int | None = _opt(None, "sequences per forward pass in each process; smaller values "
-                                              "accumulate gradients; default batch-size / processes")
+                                              "accumulate gradients; default: planned (see --max-memory)")
     max_grad_norm: float = _opt(1.0, "clip the gradient norm to this; 0 = no clipping")
-    gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass: less memory, slower")
+    gradient_checkpointing: bool | None = _opt(None, "recompute activations in the backward pass: less memory, "
+                                                     "about a third slower; default: only when needed to fit")
+    optimizer: Optimizer = _opt(Optimizer.auto, "adamw, adamw8bit (bitsandbytes, CUDA), adafactor, or auto: AdamW "
+                                                "unless only a lighter one fits")
+    max_memory: str | None = _opt(None, "memory one process may use, e.g. 16GB or 800MB; the plan (micro-batch, "
+                                        "checkpointing, optimizer) is chosen to fit it; default: what the device has "
+                                        "free, less 10%")
     precision: Precision = _opt(Precision.auto, "auto, no (fp32), bf16 or fp16 mixed precision")
     seed: int = _opt(42, "random seed: data order, initialisation of adapters, dropout")
     eval_every: int = _opt(100, "evaluate on the held-out texts every N steps (and always at the end)")
@@ -111,6 +129,7 @@ class FinetuneSettings:
         self.loss_on = _choice(LossOn, "loss_on", self.loss_on)
         self.schedule = _choice(Schedule, "schedule", self.schedule)
         self.precision = _choice(Precision, "precision", self.precision)
+        self.optimizer = _choice(Optimizer, "optimizer", self.optimizer)
         self.lr = DEFAULT_LR[self.method] if self.lr is None else self.lr
         self.validate()
 
@@ -124,6 +143,10 @@ class FinetuneSettings:
             (0 <= self.lora_dropout < 1, f"lora_dropout={self.lora_dropout} must be in [0, 1)"),
             (all(self.lora_targets), "lora_targets must not contain empty names"),
             (not self.merge or self.method == Method.lora, "merge applies to --method lora only"),
+            (not self.quantize_base or self.method == Method.lora, "quantize_base applies to --method lora only: "
+                                                                  "full fine-tuning changes the base weights"),
+            (self.max_memory is None or _valid_size(self.max_memory),
+             f"max_memory={self.max_memory!r} is not a size; write e.g. 16GB, 12.5GiB or 800MB"),
             (self.epochs > 0 or self.max_steps > 0, f"epochs={self.epochs} must be > 0 (or give max_steps > 0)"),
             (self.max_steps >= 0, f"max_steps={self.max_steps} must be >= 0 (0 = use epochs)"),
             (self.lr > 0, f"lr={self.lr} must be > 0"),
@@ -158,8 +181,8 @@ class FinetuneSettings:
             if f.name == "lr" and value == DEFAULT_LR[self.method]:
                 continue
             flag = "--" + f.name.replace("_", "-")
-            if isinstance(value, bool):  # every flag is off by default, so a differing one is on
-                words.append(flag)
+            if isinstance(value, bool):  # a flag: on, or off against a default of "planned" (None)
+                words.append(flag if value else "--no-" + flag[2:])
             elif isinstance(value, tuple):
                 for item in value:
                     words += [flag, item]
@@ -168,6 +191,26 @@ class FinetuneSettings:
             else:
                 words += [flag, str(_plain(value))]
         return shlex.join(words)
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k": 2**10, "m": 2**20, "g": 2**30,
+          "t": 2**40, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$")
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size such as '16GB' (10^9), '12.5GiB' or '16G' (2^30), '800MB'; a bare number is bytes."""
+    match = _SIZE.match(str(text).lower())
+    if not match or match.group(2) not in _UNITS:
+        raise UsageError(f"max_memory={text!r} is not a size; write e.g. 16GB, 12.5GiB or 800MB")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def _valid_size(text: str) -> bool:
+    try:
+        return parse_size(text) > 0
+    except UsageError:
+        return False
 
 
 def _choice(enum: type[Enum], name: str, value) -> Enum:
