@@ -19,3 +19,9 @@ class DataError(RugptError, ValueError):
 
 class DiskFull(RugptError, OSError):
     """Files that do not fit on this machine's disk: the message names the sizes, the folder and what to free."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (library errors can run to pages), or its type's name."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from rugpt.errors import ModelNotFound, UsageError
+from rugpt.errors import ModelNotFound, UsageError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ def load_tokenizer(folder: Path):
         if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
             return GPT2Tokenizer.from_pretrained(folder)
         raise ModelNotFound(f"model folder {str(folder)!r} has no tokenizer rugpt can read "
-                            f"(tokenizer.json, or vocab.json + merges.txt): {_first_line(exc)}") from None
+                            f"(tokenizer.json, or vocab.json + merges.txt): {first_line(exc)}") from None
 
 
 def _load_weights(name: str, folder: Path, device: str, torch_dtype):
@@ -223,7 +223,7 @@ def _load_weights(name: str, folder: Path, device: str, torch_dtype):
         config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
         model, missing = _read_weights(weights, config, torch_dtype, _generation_config(folder, config))
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelNotFound(f"{_label(name, folder)} cannot be loaded: {_first_line(exc)}") from None
+        raise ModelNotFound(f"{_label(name, folder)} cannot be loaded: {first_line(exc)}") from None
     model.name_or_path = model.config._name_or_path = str(folder)  # not the cache folder the weights came from
     # A remote-code pointer (XL's converted layout) would be saved into every fine-tune, naming files it lacks.
     if getattr(model.config, "auto_map", None):
@@ -269,11 +269,6 @@ def _generation_config(folder: Path, config):
 
 def _label(name: str, folder: Path) -> str:
     return f"model folder {str(folder)!r}" if Path(name).expanduser() == folder else f"model {name!r} ({folder})"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _bundled_special_ids() -> PublishedIds | None:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from rugpt.atomic import atomic_write_dir
 from rugpt.cache import cache_dir
-from rugpt.errors import ModelNotFound
+from rugpt.errors import ModelNotFound, first_line
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def read_bin(path: Path) -> dict:
         raise ModelNotFound(f"refused {str(path)!r}: it holds objects other than tensors, and rugpt reads pickled "
                             f"weights only through torch's weights-only loader ({_refusal(exc)})") from None
     except (RuntimeError, EOFError, OSError) as exc:
-        raise ModelNotFound(f"cannot read {str(path)!r} as torch weights: {_first_line(exc)}") from None
+        raise ModelNotFound(f"cannot read {str(path)!r} as torch weights: {first_line(exc)}") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise ModelNotFound(f"refused {str(path)!r}: it is not a mapping of names to tensors (found "
@@ -168,11 +168,6 @@ def _refusal(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line or "unsupported" in line]
     return (named or lines or [type(exc).__name__])[0].rstrip(".")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 _SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
