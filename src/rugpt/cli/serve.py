@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -15,6 +16,15 @@ def _serve_help(name: str) -> str:
     from rugpt.serve.settings import describe
 
     return describe(name)
+
+
+CLUSTER = "Scale out (Ray Serve; pip install 'rugpt[cluster]')"
+
+
+def _cluster_help(name: str) -> str:
+    from rugpt.serve.cluster_settings import describe_cluster
+
+    return describe_cluster(name)
 
 
 @command
@@ -41,14 +51,31 @@ def serve(
     max_body_bytes: Annotated[Optional[int], typer.Option(help=_serve_help("max_body_bytes"))] = None,
     shutdown_grace: Annotated[Optional[float], typer.Option(help=_serve_help("shutdown_grace"))] = None,
     log_level: Annotated[Optional[str], typer.Option(help=_serve_help("log_level"))] = None,
-    play_db: Annotated[Optional[Path], typer.Option(help="SQLite file of the /play text adventures "
-                                                    "(default: ~/.local/share/rugpt/adventures.sqlite3)")] = None,
+    play_db: Annotated[Optional[Path], typer.Option(help=_serve_help("play_db"))] = None,
     play: Annotated[bool, typer.Option("--play/--no-play", help="serve the text adventure at /play")] = True,
+    replicas: Annotated[Optional[int], typer.Option(help=_cluster_help("replicas"), rich_help_panel=CLUSTER)] = None,
+    min_replicas: Annotated[Optional[int], typer.Option(help=_cluster_help("min_replicas"), rich_help_panel=CLUSTER)
+                            ] = None,
+    max_replicas: Annotated[Optional[int], typer.Option(help=_cluster_help("max_replicas"), rich_help_panel=CLUSTER)
+                            ] = None,
+    ray_address: Annotated[Optional[str], typer.Option(help=_cluster_help("ray_address"), rich_help_panel=CLUSTER)
+                           ] = None,
+    max_ongoing_per_replica: Annotated[Optional[int], typer.Option(
+        help=_cluster_help("max_ongoing_per_replica"), rich_help_panel=CLUSTER)] = None,
+    max_queued: Annotated[Optional[int], typer.Option(help=_cluster_help("max_queued"), rich_help_panel=CLUSTER)
+                          ] = None,
+    cpus_per_replica: Annotated[Optional[float], typer.Option(
+        help=_cluster_help("cpus_per_replica"), rich_help_panel=CLUSTER)] = None,
+    gpus_per_replica: Annotated[Optional[float], typer.Option(
+        help=_cluster_help("gpus_per_replica"), rich_help_panel=CLUSTER)] = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API with a batching queue and a web playground at /."""
     given = {name: value for name, value in locals().items()
-             if value is not None and name not in ("api_key", "play_db", "play")}
+             if value is not None and name not in ("api_key", "play")}
     given["api_keys"] = list(api_key or [])
+    from rugpt.serve.cluster_settings import CLUSTER_OPTIONS, cluster_from_options
+
+    cluster = cluster_from_options({name: given.pop(name, None) for name in CLUSTER_OPTIONS})
     from pydantic import ValidationError
 
     from rugpt.serve import ServerSettings, run_server
@@ -61,7 +88,18 @@ def serve(
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:
         err.print(f"[yellow]warning:[/yellow] serving on {settings.host} without --api-key: anyone who can reach "
                   f"this address can use the model", markup=True)
-    run_server(settings, routers=[_play_router(play_db)] if play else [])
+    if cluster is not None:  # Ray Serve replicas, each making its own routers, in processes of their own
+        from rich.markup import escape
+
+        from rugpt.serve.cluster import run_cluster, with_absolute_paths
+
+        settings = with_absolute_paths(settings)
+        try:
+            run_cluster(settings, cluster, [functools.partial(_play_router, settings.play_db)] if play else [])
+        except UsageError as exc:  # its install hint holds [cluster], which the error line's markup would eat
+            raise UsageError(escape(str(exc))) from None
+        return
+    run_server(settings, routers=[_play_router(settings.play_db)] if play else [])
 
 
 def _play_router(db: Path | None):

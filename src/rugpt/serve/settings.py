@@ -41,6 +41,9 @@ class ServerSettings(BaseModel):
     default_max_tokens: int = Field(128, ge=1, description="`max_tokens` of a request that does not say")
     max_n: int = Field(4, ge=1, description="largest `n` (completions per prompt) a request may ask for")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="largest request body in bytes; more is 413")
+    play_db: Path | None = Field(
+        None, description="SQLite file of the /play text adventures (default: ~/.local/share/rugpt/adventures"
+                          ".sqlite3); replicas on one machine share it, several machines need a shared store")
     shutdown_grace: float = Field(
         10.0, ge=0, description="seconds running requests may finish at shutdown before they are failed")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
