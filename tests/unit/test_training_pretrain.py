@@ -48,3 +48,27 @@ def test_pretrain_resumes_from_its_checkpoint_and_exports(corpus, tmp_path):
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-000010"]
     metrics = export_bundle(tmp_path / "run", tmp_path / "bundle")
     assert metrics["steps"] == 10 and (tmp_path / "bundle" / "model.safetensors").is_file()
+
+
+def test_pretraining_continues_from_init_from_weights(corpus, tmp_path):
+    """Continued pre-training starts from the given model's weights, not random ones, and checks the fit."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from rugpt.training.checkpoints import latest_checkpoint
+
+    common = {"tokenizer": tmp_path / "tok", "vocab_size": 300, "fortunes": False, "n_layer": 1, "n_embd": 32,
+              "n_head": 2, "block_size": 64, "batch_size": 2, "minutes": 0, "eval_every": 100, "eval_blocks": 4,
+              "warmup_steps": 1, "heldout_fraction": 0.3}
+    train_recipe_tokenizer(PretrainSettings(corpus=corpus, max_steps=1, out=tmp_path / "a", **common))
+    first = pretrain(PretrainSettings(max_steps=30, out=tmp_path / "a", **common))
+    base = latest_checkpoint(tmp_path / "a") / "model"
+    continued = pretrain(PretrainSettings(max_steps=1, lr=1e-9, min_lr=1e-9, out=tmp_path / "b", init_from=base,
+                                          **{**common, "n_layer": 3}))  # the folder's shape wins
+    assert continued["eval_loss"] == pytest.approx(first["eval_loss"], abs=1e-3)
+    model = GPT2LMHeadModel.from_pretrained(latest_checkpoint(tmp_path / "b") / "model")
+    assert model.config.n_layer == 1 and torch.isfinite(model.transformer.wte.weight).all()
+    with pytest.raises(UsageError, match=r"block_size=128 is longer than init_from's context \(64\)"):
+        pretrain(PretrainSettings(max_steps=1, out=tmp_path / "c", init_from=base, **{**common, "block_size": 128}))
+    with pytest.raises(UsageError, match="is not a model folder"):
+        pretrain(PretrainSettings(max_steps=1, out=tmp_path / "d", init_from=tmp_path, **common))

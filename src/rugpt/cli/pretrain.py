@@ -44,14 +44,20 @@ def pretrain(
     n_embd: Annotated[Optional[int], typer.Option(help=_pre_help("n_embd"))] = None,
     n_head: Annotated[Optional[int], typer.Option(help=_pre_help("n_head"))] = None,
     threads: Annotated[Optional[int], typer.Option(help=_pre_help("threads"))] = None,
+    init_from: Annotated[Optional[Path], typer.Option(help=_pre_help("init_from"))] = None,
+    lr: Annotated[Optional[float], typer.Option(help=_pre_help("lr"))] = None,
+    min_lr: Annotated[Optional[float], typer.Option(help=_pre_help("min_lr"))] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(help=_pre_help("warmup_steps"))] = None,
+    short_until: Annotated[Optional[float], typer.Option(help=_pre_help("short_until"))] = None,
 ) -> None:
-    """Pre-train the bundled model from scratch; run it again on the same folder to resume."""
+    """Pre-train the bundled model (from scratch, or on from --init-from); run it again on the same folder to resume."""
     from rugpt.training.pretrain import PretrainSettings
     from rugpt.training.pretrain import pretrain as run
 
     logging.getLogger("rugpt").setLevel(logging.INFO)
     given = {"out": out_dir, "tokenizer": tokenizer, "corpus": corpus, "minutes": minutes, "max_steps": max_steps,
-             "n_layer": n_layer, "n_embd": n_embd, "n_head": n_head, "threads": threads}
+             "n_layer": n_layer, "n_embd": n_embd, "n_head": n_head, "threads": threads, "init_from": init_from,
+             "lr": lr, "min_lr": min_lr, "warmup_steps": warmup_steps, "short_until": short_until}
     out.print(run(PretrainSettings(**{k: v for k, v in given.items() if v is not None})))
 
 

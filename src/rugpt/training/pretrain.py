@@ -47,6 +47,9 @@ class PretrainSettings:
     tokenizer: Path = field(default=Path("runs/bundled/tokenizer"), metadata={"help": "the tokenizer's folder"})
     out: Path = field(default=Path("runs/bundled"), metadata={"help": "run folder: token cache, checkpoint, settings"})
     fortunes: bool = field(default=True, metadata={"help": "add Debian's fortunes-ru (GPL-2; sex-themed files out)"})
+    init_from: Path | None = field(default=None, metadata={
+        "help": "start from this model folder's weights (e.g. the bundled model) instead of random ones; its shape "
+                "replaces n_layer/n_embd/n_head"})
     vocab_size: int = field(default=8000, metadata={"help": "tokens in the tokenizer's vocabulary"})
     heldout_fraction: float = field(default=0.03, metadata={"help": "share of documents never trained on"})
     n_layer: int = field(default=6, metadata={"help": "transformer layers"})
@@ -56,9 +59,9 @@ class PretrainSettings:
     batch_size: int = field(default=8, metadata={"help": "sequences per step at full length"})
     short_until: float = field(default=0.6, metadata={"help": "train on half-length blocks (twice as many) until "
                                                               "this share of the budget: sequence-length warm-up"})
-    lr: float = 2e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 200
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate (after warm-up)"})
+    min_lr: float = field(default=1e-4, metadata={"help": "learning rate at the end of the cosine decay"})
+    warmup_steps: int = field(default=200, metadata={"help": "steps of linear learning-rate warm-up"})
     weight_decay: float = 0.1
     minutes: float = field(default=95.0, metadata={"help": "wall-clock budget; the learning-rate schedule follows it"})
     max_steps: int = field(default=0, metadata={"help": "step budget instead of (or as well as) minutes; 0 = none"})
@@ -71,6 +74,7 @@ class PretrainSettings:
     def __post_init__(self) -> None:
         self.tokenizer, self.out = Path(self.tokenizer), Path(self.out)
         self.corpus = Path(self.corpus) if self.corpus is not None else None
+        self.init_from = Path(self.init_from) if self.init_from is not None else None
         if self.n_embd % self.n_head:
             raise UsageError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.minutes <= 0 and self.max_steps <= 0:
@@ -194,6 +198,24 @@ def build_model(settings: PretrainSettings, vocab_size: int, eos_id: int):
     return GPT2LMHeadModel(config)
 
 
+def initial_model(settings: PretrainSettings, vocab_size: int, eos_id: int):
+    """The model training starts from: `init_from`'s weights (continued pre-training), else a fresh one."""
+    if settings.init_from is None:
+        return build_model(settings, vocab_size, eos_id)
+    from transformers import GPT2LMHeadModel
+
+    if not (settings.init_from / "config.json").is_file():
+        raise UsageError(f"init_from={str(settings.init_from)!r} is not a model folder (no config.json in it)")
+    model = GPT2LMHeadModel.from_pretrained(settings.init_from, dtype=torch.float32)
+    if model.config.vocab_size != vocab_size:
+        raise UsageError(f"init_from={str(settings.init_from)!r} has {model.config.vocab_size} vocabulary rows; "
+                         f"the tokenizer has {vocab_size}: give the tokenizer that model was trained with")
+    if model.config.n_positions < settings.block_size:
+        raise UsageError(f"block_size={settings.block_size} is longer than init_from's context "
+                         f"({model.config.n_positions})")
+    return model
+
+
 def make_recipe_optimizer(model, settings: PretrainSettings) -> torch.optim.Optimizer:
     """AdamW (β2 0.95, as GPT-3) under the shared weight-decay rule (training/optimizers.py)."""
     return make_optimizer(model, Optimizer.adamw, settings.lr, settings.weight_decay, betas=(0.9, 0.95))
@@ -224,7 +246,7 @@ def pretrain(settings: PretrainSettings) -> dict:
     torch.manual_seed(settings.seed)
     tokenizer = AutoTokenizer.from_pretrained(settings.tokenizer)
     tokens = prepare_tokens(settings, tokenizer)
-    model = build_model(settings, len(tokenizer), tokenizer.eos_token_id)
+    model = initial_model(settings, len(tokenizer), tokenizer.eos_token_id)
     use_fused_gelu(model)
     optimizer = make_recipe_optimizer(model, settings)
     state = load_state(settings.out, model, optimizer) or TrainerState()
