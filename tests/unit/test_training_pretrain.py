@@ -58,7 +58,7 @@ def test_pretraining_continues_from_init_from_weights(corpus, tmp_path):
     from rugpt.training.checkpoints import latest_checkpoint
 
     common = {"tokenizer": tmp_path / "tok", "vocab_size": 300, "fortunes": False, "n_layer": 1, "n_embd": 32,
-              "n_head": 2, "block_size": 64, "batch_size": 2, "minutes": 0, "eval_every": 100, "eval_blocks": 4,
+              "n_head": 2, "block_size": 192, "batch_size": 2, "minutes": 0, "eval_every": 100, "eval_blocks": 4,
               "warmup_steps": 1, "heldout_fraction": 0.3}
     train_recipe_tokenizer(PretrainSettings(corpus=corpus, max_steps=1, out=tmp_path / "a", **common))
     first = pretrain(PretrainSettings(max_steps=30, out=tmp_path / "a", **common))
@@ -68,7 +68,16 @@ def test_pretraining_continues_from_init_from_weights(corpus, tmp_path):
     assert continued["eval_loss"] == pytest.approx(first["eval_loss"], abs=1e-3)
     model = GPT2LMHeadModel.from_pretrained(latest_checkpoint(tmp_path / "b") / "model")
     assert model.config.n_layer == 1 and torch.isfinite(model.transformer.wte.weight).all()
-    with pytest.raises(UsageError, match=r"block_size=128 is longer than init_from's context \(64\)"):
-        pretrain(PretrainSettings(max_steps=1, out=tmp_path / "c", init_from=base, **{**common, "block_size": 128}))
+    from rugpt.training.bundle import SAMPLES_FILE, export_bundle
+
+    export_bundle(tmp_path / "a", tmp_path / "bundle")
+    metrics = export_bundle(tmp_path / "b", tmp_path / "bundle")  # replaces the edition it continued from
+    assert [s["steps"] for s in metrics["stages"]] == [30, 1] and metrics["steps"] == 31
+    assert metrics["stages"][1]["init_from"] == str(base)
+    page = (tmp_path / "bundle" / SAMPLES_FILE).read_text()
+    assert page.count("**This edition:**") == 20 and page.count("**Previous edition:**") == 20
+    assert "previous edition | perplexity" in (tmp_path / "bundle" / "README.md").read_text()
+    with pytest.raises(UsageError, match=r"block_size=256 is longer than init_from's context \(192\)"):
+        pretrain(PretrainSettings(max_steps=1, out=tmp_path / "c", init_from=base, **{**common, "block_size": 256}))
     with pytest.raises(UsageError, match="is not a model folder"):
         pretrain(PretrainSettings(max_steps=1, out=tmp_path / "d", init_from=tmp_path, **common))

@@ -18,6 +18,8 @@ import torch
 
 from rugpt.atomic import atomic_write_dir
 
+# Fixed prompts whose seeded continuations are committed beside the model card (samples.md), so that people
+# can read what each edition of the model writes, not only its loss.
 SAMPLE_PROMPTS = (
     "Александр Сергеевич Пушкин родился",
     "Вечером мы вышли в сад, и",
@@ -27,7 +29,20 @@ SAMPLE_PROMPTS = (
     "Москва встретила нас",
     "Мой дядя самых честных правил,",
     "На следующее утро",
+    "Письмо было коротким:",
+    "Когда я вернулся домой, мать",
+    "Доктор снял очки и",
+    "В лесу было тихо, только",
+    "— Послушайте, — сказал старик, —",
+    "Поезд остановился на маленькой станции.",
+    "Русская литература",
+    "Весна в этом году пришла рано.",
+    "Я помню тот день, когда",
+    "Вы вошли в тёмную пещеру. Перед вами",
+    "Вопрос: Какая река течёт через Москву?\nОтвет:",
+    "Однажды в студёную зимнюю пору",
 )
+SAMPLES_FILE = "samples.md"
 _WORD = re.compile(r"[а-яё]+(?:-[а-яё]+)*", re.IGNORECASE)
 
 
@@ -63,12 +78,45 @@ def real_word_share(texts: list[str]) -> dict:
 
 
 def sample_texts(loaded, count_per_prompt: int = 3, max_new_tokens: int = 80) -> list[str]:
-    """Seeded samples with the default (balanced) preset, as a new user would first see them."""
+    """Seeded samples with the default (balanced) preset, as a new user would first see them; the first of
+    each prompt's samples is the one samples.md shows."""
     from rugpt.generation import GenerationSettings, Generator
 
     generator = Generator(loaded)
     settings = GenerationSettings(max_new_tokens=max_new_tokens, num_return_sequences=count_per_prompt, seed=0)
     return [c.text for p in SAMPLE_PROMPTS for c in generator.generate(p, settings).completions]
+
+
+def previous_edition(dest: Path) -> dict | None:
+    """The metrics and samples of the model `dest` holds now, which the export is about to replace."""
+    if not (dest / "metrics.json").is_file() or not (dest / "model.safetensors").is_file():
+        return None
+    from rugpt.models import load
+
+    metrics = json.loads((dest / "metrics.json").read_text())
+    metrics["samples"] = sample_texts(load(str(dest), device="cpu"), count_per_prompt=1)
+    return metrics
+
+
+def run_tokenizer(run_dir: Path) -> Path:
+    """The tokenizer the run trained with: its recorded setting, else the recipe's `run/tokenizer`."""
+    record = run_dir / "settings.json"
+    if record.is_file():
+        return Path(json.loads(record.read_text())["tokenizer"])
+    return run_dir / "tokenizer"
+
+
+def training_stages(run_dir: Path, state: dict, previous: dict | None) -> list[dict]:
+    """Every training run behind the model: the previous edition's stages when this run continued from it."""
+    record = run_dir / "settings.json"
+    settings = json.loads(record.read_text()) if record.is_file() else {}
+    stage = {"steps": state["step"], "tokens_seen": state["tokens_seen"], "minutes": round(state["elapsed"] / 60, 1),
+             "init_from": settings.get("init_from"), "lr": settings.get("lr"), "block_size": settings.get("block_size")}
+    if not settings.get("init_from") or previous is None:
+        return [stage]
+    before = previous.get("stages") or [{"steps": previous["steps"], "tokens_seen": previous["tokens_seen"],
+                                         "minutes": previous["training_minutes"], "init_from": None}]
+    return [*before, stage]
 
 
 def export_bundle(run_dir: Path, dest: Path, training_minutes: float | None = None) -> dict:
@@ -80,22 +128,26 @@ def export_bundle(run_dir: Path, dest: Path, training_minutes: float | None = No
     checkpoint, tokens_dir = latest_checkpoint(run_dir), run_dir / "tokens"
     if checkpoint is None:
         raise UsageError(f"run={str(run_dir)!r} has no checkpoint; run `rugpt pretrain --out {run_dir}` first")
+    previous = previous_edition(dest)
+    tokenizer = run_tokenizer(run_dir)
     with atomic_write_dir(dest) as tmp:
         for name in ("config.json", "generation_config.json", "model.safetensors"):
             shutil.copy2(checkpoint / "model" / name, tmp / name)
         for name in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copy2(run_dir / "tokenizer" / name, tmp / name)
+            shutil.copy2(tokenizer / name, tmp / name)
         loaded = load(str(tmp), device="cpu")
         stats = json.loads((tokens_dir / "stats.json").read_text())
         state = json.loads((checkpoint / "state.json").read_text())
         heldout = np.load(tokens_dir / "heldout.npy")
         block = loaded.context_length
         samples = sample_texts(loaded)
+        stages = training_stages(run_dir, state, previous)
         metrics = {
             "parameters": loaded.model.num_parameters(),
-            "steps": state["step"],
-            "tokens_seen": state["tokens_seen"],
-            "training_minutes": training_minutes or round(state["elapsed"] / 60, 1),
+            "steps": sum(s["steps"] for s in stages),
+            "tokens_seen": sum(s["tokens_seen"] for s in stages),
+            "training_minutes": training_minutes or round(sum(s["minutes"] for s in stages), 1),
+            "stages": stages,
             "train": {k: stats["train"][k] for k in ("documents", "characters", "tokens")},
             "heldout": {k: stats["heldout"][k] for k in ("documents", "characters", "tokens")}
             | heldout_perplexity(loaded.model, heldout, stats["heldout"]["characters"], block),
@@ -105,13 +157,31 @@ def export_bundle(run_dir: Path, dest: Path, training_minutes: float | None = No
             "history": state["evals"],
         }
         (tmp / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=1))
-        (tmp / "README.md").write_text(model_card(metrics, loaded.model.config))
+        (tmp / "README.md").write_text(model_card(metrics, loaded.model.config, previous))
+        (tmp / SAMPLES_FILE).write_text(samples_page(samples[::3], previous))
     return metrics
 
 
-def model_card(metrics: dict, config) -> str:
+def samples_page(samples: list[str], previous: dict | None) -> str:
+    """The fixed prompts' continuations (default preset, seed 0), beside the previous edition's."""
+    lines = ["# rugpt-tiny: continuations of 20 fixed prompts", "",
+             "Default (balanced) preset, seed 0, 80 new tokens; made by `rugpt export-bundled`.", ""]
+    old = (previous or {}).get("samples") or []
+    for i, (prompt, text) in enumerate(zip(SAMPLE_PROMPTS, samples, strict=True)):
+        lines += [f"## {i + 1}. {prompt}", "", "**This edition:**", "", _quote(prompt + text), ""]
+        if i < len(old):
+            lines += ["**Previous edition:**", "", _quote(prompt + old[i]), ""]
+    return "\n".join(lines)
+
+
+def _quote(text: str) -> str:
+    return "\n".join(f"> {line}" if line else ">" for line in text.splitlines())
+
+
+def model_card(metrics: dict, config, previous: dict | None = None) -> str:
     h = metrics["heldout"]
-    samples = "\n".join(f"- {s}" for s in metrics["samples"])
+    samples = "\n".join(f"- {s}" for s in metrics["samples"][:8])
+    recipe = "\n".join(_stage_command(i, s) for i, s in enumerate(metrics.get("stages") or [{}]))
     return f"""# rugpt-tiny: the bundled Russian model
 
 A small GPT-2 trained from scratch by this project's own recipe, so that every `rugpt` command works
@@ -126,7 +196,7 @@ ruGPT-3 (`rugpt generate --model small ...`).
 | training | {metrics["steps"]} steps, {metrics["tokens_seen"] / 1e6:.1f} M tokens, {metrics["training_minutes"]} min on 2 CPU cores (bf16 autocast) |
 | held-out perplexity | {h["perplexity"]:.1f} per token; {h["bits_per_character"]:.3f} bits per character ({h["documents"]} documents, {h["characters"]:,} characters never trained on) |
 | real Russian words in samples | {metrics["real_words"]["share"]:.1%} of {metrics["real_words"]["words"]} words known to pymorphy3 (default preset, seed 0) |
-
+{_comparison(metrics, previous)}
 ## Data and licences
 - **RusLit** (github.com/d0rj/RusLit): Russian classics — Pushkin, Lermontov, Nekrasov, Blok, Gogol,
   Chekhov, Dostoevsky, Tolstoy, Gorky, Herzen, Bryusov — public domain. Cleaned of page numbers,
@@ -138,10 +208,29 @@ ruGPT-3 (`rugpt generate --model small ...`).
 ## Recipe
 ```
 rugpt train-tokenizer --corpus ../shared/data/ruslit
-rugpt pretrain --minutes 95
+{recipe}
 rugpt export-bundled
 ```
 
 ## Samples (default preset, seed 0)
 {samples}
+
+All 20 fixed prompts, beside the previous edition's continuations: [{SAMPLES_FILE}]({SAMPLES_FILE}).
 """
+
+
+def _stage_command(index: int, stage: dict) -> str:
+    if not stage.get("init_from"):
+        return f"rugpt pretrain --minutes {stage.get('minutes', 95)}"
+    return (f"rugpt pretrain --out runs/bundled{index + 1} --init-from {stage['init_from']} --tokenizer src/rugpt/bundled "
+            f"--lr {stage['lr']} --short-until 0 --minutes {stage['minutes']}  # continued pre-training")
+
+
+def _comparison(metrics: dict, previous: dict | None) -> str:
+    """Rows comparing this edition with the one it replaced (empty when there was none)."""
+    if previous is None:
+        return ""
+    h, p = metrics["heldout"], previous["heldout"]
+    return (f"| previous edition | perplexity {p['perplexity']:.1f}, {p['bits_per_character']:.3f} bits/char, "
+            f"real words {previous['real_words']['share']:.1%}, {previous['tokens_seen'] / 1e6:.1f} M tokens seen |\n"
+            f"| change | bits/char {h['bits_per_character'] - p['bits_per_character']:+.3f} |\n")
