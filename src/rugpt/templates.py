@@ -1,15 +1,16 @@
 """The one template rule of rugpt: classify, recommend and fine-tune templates (and ruPrompts-style prompt formats)
 all read `{name}` as a field and `{{` / `}}` as literal braces — Python's format-string syntax, without
-conversions or format specs. A field a template needs but a row lacks is an error naming both.
+conversions or format specs. A field a template needs but a row lacks is an error naming both; in fine-tuning
+data the same words, after the file and line, as a DataError. One parser (`Template.parts`) and one renderer
+(`Template.pieces`), on which `fill`, `split_at` and fine-tuning's rows (rugpt.training.data) are built.
 """
 
 from __future__ import annotations
 
 import string
-from collections.abc import Iterator
 from dataclasses import dataclass
 
-from rugpt.errors import UsageError
+from rugpt.errors import RugptError, UsageError
 
 SYNTAX = "write fields as {name} and literal braces as {{ and }}"
 
@@ -53,43 +54,33 @@ class Template:
                              f"allowed: {allowed_text}")
         return self
 
-    def pieces(self, values: dict) -> Iterator[tuple[str, str | None]]:
-        """(text, field name or None) in order, with fields filled from `values`; a missing value raises KeyError."""
+    def pieces(self, values: dict, where: str = "", error: type[RugptError] = UsageError,
+               unfilled: str | None = None) -> list[tuple[str, str | None]]:
+        """(text, field name or None) in order, with fields filled from `values` (the `unfilled` one left empty).
+
+        A field whose value is missing (or None) raises `error` naming it, the template and the values given,
+        after `where` (e.g. file:line): DataError where the values come from a data file, else UsageError."""
+        out = []
         for literal, name in self.parts():
             if literal:
-                yield literal, None
-            if name is not None:
-                if values.get(name) is None:
-                    raise KeyError(name)
-                yield str(values[name]), name
+                out.append((literal, None))
+            if name is None:
+                continue
+            if name != unfilled and values.get(name) is None:
+                given = ", ".join(sorted(key for key, value in values.items() if value is not None)) or "none"
+                raise error(f"{where}: " * bool(where) + f"no value for {{{name}}} in template {self.text!r} "
+                            f"(given: {given})")
+            out.append(("" if name == unfilled else str(values[name]), name))
+        return out
 
-    def fill(self, values: dict, where: str = "") -> str:
-        """The template with its fields filled; a field missing from `values` is a UsageError naming it."""
-        try:
-            return "".join(text for text, _ in self.pieces(values))
-        except KeyError as exc:
-            known = ", ".join(sorted(values)) or "none"
-            prefix = f"{where}: " if where else ""
-            raise UsageError(f"{prefix}no value for {{{exc.args[0]}}} in template {self.text!r} "
-                             f"(given: {known})") from None
+    def fill(self, values: dict, where: str = "", error: type[RugptError] = UsageError) -> str:
+        """The template with its fields filled; a missing value raises as in `pieces`."""
+        return "".join(text for text, _ in self.pieces(values, where, error))
 
     def split_at(self, name: str, values: dict) -> tuple[str, str]:
         """The filled text before and after the one `{name}` field (which stays unfilled)."""
-        before, after, seen = [], [], False
-        for literal, field in self.parts():
-            (after if seen else before).append(literal)
-            if field == name:
-                if seen:
-                    raise UsageError(f"template {self.text!r} has {{{name}}} more than once")
-                seen = True
-            elif field is not None:
-                (after if seen else before).append(Template._value(values, field, self.text))
-        if not seen:
-            raise UsageError(f"template {self.text!r} lacks {{{name}}}")
-        return "".join(before), "".join(after)
-
-    @staticmethod
-    def _value(values: dict, name: str, text: str) -> str:
-        if values.get(name) is None:
-            raise UsageError(f"no value for {{{name}}} in template {text!r} (given: {', '.join(sorted(values))})")
-        return str(values[name])
+        if self.require({name}).fields.count(name) > 1:
+            raise UsageError(f"template {self.text!r} has {{{name}}} more than once")
+        pieces = self.pieces(values, unfilled=name)
+        at = next(i for i, (_, field) in enumerate(pieces) if field == name)
+        return "".join(text for text, _ in pieces[:at]), "".join(text for text, _ in pieces[at + 1:])

@@ -63,8 +63,10 @@ def test_missing_template_field_names_the_line(tmp_path):
     path = qa_jsonl(tmp_path / "qa.jsonl", rows=3)
     with path.open("a", encoding="utf-8") as f:
         f.write("\n" + json.dumps({"question": "без ответа"}, ensure_ascii=False) + "\n")
-    with pytest.raises(DataError, match=r"qa\.jsonl:5: row has no field 'answer'.*fields here: question"):
+    with pytest.raises(DataError, match=r"qa\.jsonl:5: no value for \{answer\} in template .*\(given: question\)"):
         read_examples(path, "Q: {question}\nA: {answer}")
+    with pytest.raises(UsageError, match=r"unknown field\(s\) \{answr\}; allowed: \{answer\}, \{question\}"):
+        read_examples(path, "Q: {question}\nA: {answr}")  # a field no row has: the template's typo
 
 
 def test_non_utf8_text_names_file_and_byte_offset(tmp_path):
@@ -85,7 +87,7 @@ def test_empty_data_is_an_error(tmp_path, content):
 
 def test_bad_templates_and_formats_are_usage_errors(tmp_path):
     qa = qa_jsonl(tmp_path / "qa.jsonl", rows=2)
-    with pytest.raises(UsageError, match="needs one or more plain"):
+    with pytest.raises(UsageError, match="has no field"):
         read_examples(qa, "no fields here")
     with pytest.raises(UsageError, match="malformed"):
         read_examples(qa, "Q: {question")

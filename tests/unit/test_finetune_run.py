@@ -78,7 +78,7 @@ def test_a_folder_that_is_not_a_run_is_never_overwritten(model_dir, poems, tmp_p
 
 @pytest.mark.parametrize("case, needle", [
     ("empty", "holds no text"),
-    ("missing-field", "bad.jsonl:2: row has no field 'answer'"),
+    ("missing-field", "bad.jsonl:2: no value for {answer} in template 'Q: {question}\\nA: {answer}' (given: question)"),
     ("not-utf8", "not UTF-8 text at byte offset 3"),
     ("block-size", "block_size=100 is over the model's context of 64 tokens"),
     ("one-document", "has 1 document"),

@@ -1,4 +1,8 @@
+"""Prompt tuning: preprocessing, the training loop, and its losses, optimizer and schedule from rugpt.training
+(the numbers of a hand computation, and of the trainer as it was before it shared them)."""
+
 import json
+import math
 
 import pytest
 import torch
@@ -8,7 +12,8 @@ from rugpt.cli import app
 from rugpt.errors import DataError, UsageError
 from rugpt.models import load
 from rugpt.prompts import Prompt, PromptFormat, TensorPromptProvider
-from rugpt.prompts.preprocessing import IGNORE_INDEX, ClassificationPreprocessor, Text2TextPreprocessor
+from rugpt.prompts.losses import classification_loss, evaluate, label_scores, text2text_loss, token_nll
+from rugpt.prompts.preprocessing import IGNORE_INDEX, ClassificationPreprocessor, Text2TextPreprocessor, pad_right
 from rugpt.prompts.training import PromptTuningSettings, prompt_tune
 
 ROWS = [{"question": q, "answer": a} for q, a in [
@@ -157,3 +162,77 @@ def test_cli_prompt_tune_then_generate_with_the_prompt(tiny_model_dir, tmp_path)
     assert payload["prompt"].startswith("<|P|>" * 3) and len(payload["completions"][0]["token_ids"]) <= 4
     bad = runner.invoke(app, ["prompt-tune", str(data), "--format", "no slots here", "--model", str(tiny_model_dir)])
     assert bad.exit_code == 2 and "neither trainable slots" in bad.output
+
+
+def by_hand(model, batch) -> list[list[float]]:
+    """-log p(labels[t + 1] | tokens up to t) from the model's whole logits, one position at a time."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    out = []
+    for row, labels in zip(logits, batch["labels"].tolist(), strict=True):
+        nll = []
+        for t in range(len(labels)):
+            target = labels[t + 1] if t + 1 < len(labels) else IGNORE_INDEX
+            nll.append(0.0 if target == IGNORE_INDEX else float(torch.logsumexp(row[t], 0) - row[t, target]))
+        out.append(nll)
+    return out
+
+
+def test_text2text_loss_is_the_hand_computed_sum_over_target_tokens(lm):
+    prompt = Prompt(PromptFormat("<P*3>{question}<P*2>"), TensorPromptProvider()).patch(lm.model, lm.tokenizer)
+    pre = Text2TextPreprocessor(prompt.format, lm.tokenizer, "answer")
+    batch = pad_right([pre(ROWS[0]), pre(ROWS[3])], lm.tokenizer.eos_token_id)  # different lengths: padding
+    want = by_hand(lm.model, batch)
+    with torch.no_grad():
+        got = token_nll(lm.model, batch)
+        loss, count = text2text_loss(lm.model, batch)
+    torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+    targets = [len(lm.tokenizer(r["answer"], add_special_tokens=False)["input_ids"]) + 1 for r in (ROWS[0], ROWS[3])]
+    assert count == sum(targets)  # the answer's tokens and end-of-text, nothing of the prompt or the padding
+    assert float(loss) == pytest.approx(sum(map(sum, want)), rel=1e-5)
+    assert float(loss) > 10  # not a vacuous zero: the tiny model is far from these answers
+
+
+def test_classification_loss_is_cross_entropy_over_hand_computed_label_scores(lm):
+    prompt = Prompt(PromptFormat("{text}<P*4>"), TensorPromptProvider()).patch(lm.model, lm.tokenizer)
+    pre = ClassificationPreprocessor(prompt.format, lm.tokenizer, "label", ("Да", "Нет"))
+    batch = pre.collate_fn()([pre(row) for row in YES_NO[:2]])
+    scores = [[-sum(row) for row in by_hand(lm.model, batch)[i:i + 2]] for i in (0, 2)]  # [rows, labels]
+    want = sum(math.log(sum(math.exp(s) for s in row)) - row[gold] for row, gold in zip(scores, (0, 1), strict=True))
+    with torch.no_grad():
+        torch.testing.assert_close(label_scores(lm.model, batch).double(), torch.tensor(scores, dtype=torch.float64),
+                                   rtol=1e-5, atol=1e-4)
+        loss, rows = classification_loss(lm.model, batch)
+    assert rows == 2 and float(loss) == pytest.approx(want, rel=1e-5)
+    metrics = evaluate(lm.model, [batch], classification=True)
+    right = sum(max(range(2), key=row.__getitem__) == gold for row, gold in zip(scores, (0, 1), strict=True))
+    assert (metrics.loss, metrics.accuracy) == (pytest.approx(want / 2, rel=1e-5), right / 2)
+
+
+# Recorded from the trainer before it used rugpt.training's loss, optimizer and schedule (its own cross-entropy,
+# torch AdamW and LambdaLR): same seed, same tiny model (conftest.build_tiny_model), so the same numbers.
+RUNS = {
+    "linear": (ROWS, None, dict(format="<P*3>{question}<P*2>", target_field="answer", epochs=10, batch_size=1,
+                                gradient_accumulation_steps=2, learning_rate=0.1, warmup_steps=3,
+                                eval_fraction=0.34, patience=None, seed=3),
+               [28.3825, 30.9004, 27.9538, 30.5152, 28.344, 28.7115, 26.3089, 29.3159, 27.7374, 26.5006, 28.4902,
+                24.5714, 25.4978, 26.6919, 27.7329, 23.7605, 24.8348, 26.2575, 24.9095, 25.9472],
+               [29.5635, 29.4048, 28.9757, 28.4825, 27.9936, 27.5662, 27.2161, 26.9728, 26.8249, 26.7479, 26.7177]),
+    "cosine_restarts": (ROWS, None, dict(format="<P*3>{question}<P*2>", target_field="answer", epochs=4,
+                                         batch_size=2, learning_rate=0.1, warmup_steps=1, scheduler="cosine_restarts",
+                                         restart_steps=2, eval_fraction=0, patience=None, seed=1),
+                        [29.2372, 27.9262, 29.2831, 26.716, 31.5475, 26.0782, 26.091, 27.3669, 27.9444, 29.8599,
+                         25.7937, 22.2086], []),
+    "classification": (YES_NO, YES_NO, dict(format="{text}<P*4>", target_field="label", task="classification",
+                                            epochs=3, batch_size=2, learning_rate=0.1, warmup_steps=0,
+                                            eval_fraction=0, seed=2),
+                       [5.1863, 3.3501, 1.7339, 0.8362, 0.3568, 2.1694], [5.2304, 1.7629, 0.7822, 1.2777]),
+}
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_a_seeded_run_gives_the_losses_it_gave_before_the_trainers_shared_their_parts(lm, name):
+    rows, eval_rows, settings, step_losses, heldout = RUNS[name]
+    result = prompt_tune(rows, PromptTuningSettings(**settings), lm, eval_data=eval_rows)
+    assert result.step_losses == pytest.approx(step_losses, abs=2e-4)
+    assert [loss for _, loss in result.heldout_losses()] == pytest.approx(heldout, abs=2e-4)

@@ -3,33 +3,30 @@ over label words (classification)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from rugpt.prompts.preprocessing import IGNORE_INDEX
+from rugpt.training.loss import count_targets, next_token_loss
+from rugpt.training.report import perplexity
 
 
 def token_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Negative log-likelihood of every labelled token, [rows, T] (0 where the label is -100)."""
+    """Negative log-likelihood of every labelled token, [rows, T]: position t scores labels[t + 1] (0 where that
+    label is IGNORE_INDEX). rugpt's one next-token loss (rugpt.training.loss), so the logits never exist whole."""
     device = next(model.parameters()).device
-    input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # [rows, T, vocab]
-    # Position t predicts token t + 1: shift the labels, not the logits, so the logits stay contiguous
-    # (cross-entropy over a strided vocabulary dimension is about 3x slower on CPU).
-    labels = F.pad(batch["labels"].to(device)[:, 1:], (0, 1), value=IGNORE_INDEX)
-    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                          ignore_index=IGNORE_INDEX, reduction="none")
-    return nll.view(labels.shape)
+    return next_token_loss(model, batch["input_ids"].to(device), batch["labels"].to(device),
+                           batch["attention_mask"].to(device), reduction="none")
 
 
 def text2text_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """(sum of target-token NLL, number of target tokens) for a batch."""
-    nll = token_nll(model, batch)
-    return nll.sum(), int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    device = next(model.parameters()).device
+    labels = batch["labels"].to(device)
+    loss = next_token_loss(model, batch["input_ids"].to(device), labels, batch["attention_mask"].to(device))
+    return loss, int(count_targets(labels))
 
 
 def label_scores(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -40,8 +37,15 @@ def label_scores(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def classification_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """(sum over rows of cross-entropy over the label words, number of rows)."""
+    loss, _ = _classification(model, batch)
+    return loss, len(batch["label"])
+
+
+def _classification(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(summed cross-entropy over the label words, rows whose likeliest label word is the gold one)."""
     scores = label_scores(model, batch)
-    return F.cross_entropy(scores, batch["label"].to(scores.device), reduction="sum"), len(batch["label"])
+    gold = batch["label"].to(scores.device)
+    return F.cross_entropy(scores, gold, reduction="sum"), int((scores.argmax(-1) == gold).sum())
 
 
 @dataclass
@@ -54,7 +58,7 @@ class EvalMetrics:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(min(self.loss, 50.0))
+        return perplexity(self.loss)
 
     def as_dict(self) -> dict[str, float | int | None]:
         return {"loss": self.loss, "perplexity": self.perplexity, "accuracy": self.accuracy, "count": self.count}
@@ -66,10 +70,8 @@ def evaluate(model, batches: Iterable[dict[str, torch.Tensor]], classification: 
     total, count, correct = 0.0, 0, 0
     for batch in batches:
         if classification:
-            scores = label_scores(model, batch)
-            gold = batch["label"].to(scores.device)
-            loss, n = F.cross_entropy(scores, gold, reduction="sum"), len(gold)
-            correct += int((scores.argmax(-1) == gold).sum())
+            loss, right = _classification(model, batch)
+            n, correct = len(batch["label"]), correct + right
         else:
             loss, n = text2text_loss(model, batch)
         total, count = total + float(loss), count + n

@@ -22,8 +22,7 @@ import torch
 from rugpt.errors import UsageError
 from rugpt.prompts.errors import MissingFieldError, PromptUsageError
 from rugpt.prompts.prompt_format import BasePromptFormat
-
-IGNORE_INDEX = -100  # label value that cross-entropy skips (PyTorch's and transformers' convention)
+from rugpt.training.loss import IGNORE_INDEX  # the label the loss skips (PyTorch's and transformers' -100)
 
 
 class BasePreprocessor(abc.ABC):

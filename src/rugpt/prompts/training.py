@@ -9,6 +9,9 @@ Only the provider's parameters are given to the optimizer and only they require 
 model's weights stay bit-identical. Each epoch ends with held-out metrics; the best epoch's prompt is
 kept, training stops early after `patience` epochs without improvement, and the folder gets the prompt,
 history.json and a loss plot.
+
+The loss, the optimizer, the learning-rate schedule and the loss plot are those of every rugpt trainer
+(rugpt.training: loss, optimizers, schedule, report); only the loop and its per-epoch bookkeeping are here.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any, Literal
 
 import torch
 
+from rugpt.atomic import atomic_write_text
 from rugpt.errors import DataError, RugptError, UsageError
 from rugpt.models import LoadedModel, load
 from rugpt.prompts.losses import EvalMetrics, classification_loss, evaluate, text2text_loss
@@ -36,6 +40,10 @@ from rugpt.prompts.prompt import Prompt
 from rugpt.prompts.prompt_format import PromptFormat
 from rugpt.prompts.prompt_provider import PROVIDERS, BasePromptProvider, ProviderInit
 from rugpt.prompts.storage import SavedPrompt
+from rugpt.training.optimizers import make_optimizer
+from rugpt.training.report import plot_losses
+from rugpt.training.schedule import scheduled_lr
+from rugpt.training.settings import Optimizer, Schedule
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +67,12 @@ class PromptTuningSettings:
     format: str = field(metadata={"help": "prompt format, e.g. '<P*8>{question}<P*4>': <P>, <P*N>, <P>text</P>, "
                                           "{field}"})
     target_field: str = field(default="target", metadata={"help": "the field with the answer (or the label word)"})
-    task: TaskKind = field(default=TaskKind.text2text, metadata={"help": "text2text | classification"})
+    task: TaskKind = field(default=TaskKind.text2text, metadata={
+        "help": "text2text generates the target field, classification picks a label word"})
     labels: tuple[str, ...] = field(default=(), metadata={
         "help": "classification: the label words, e.g. «Да» and «Нет» (default: the values seen in the data)"})
-    provider: ProviderKind = field(default="tensor", metadata={"help": "tensor | lstm | mlp"})
+    provider: ProviderKind = field(default="tensor", metadata={
+        "help": "what holds the prompt: a tensor of vectors, or an LSTM or MLP that makes them"})
     init: str = field(default="vocab", metadata={"help": "tensor provider: where rows start: vocab (random "
                                                          "vocabulary embeddings) | random (N(0, 1)) | random_scaled"})
     init_text: str | None = field(default=None, metadata={"help": "tensor provider: start from this text's "
@@ -81,7 +91,7 @@ class PromptTuningSettings:
         "help": "AdamW learning rate (default: 0.03 for tensor, 0.001 for lstm and mlp)"})
     warmup_steps: int = field(default=10, metadata={"help": "steps of linear warm-up (at most a tenth of the run)"})
     scheduler: SchedulerKind = field(default="linear", metadata={
-        "help": "after warm-up: linear (decay to 0) | constant | cosine_restarts"})
+        "help": "after warm-up: linear (decay to 0), constant or cosine_restarts"})
     restart_steps: int | None = field(default=None, metadata={
         "help": "cosine_restarts: steps of the first cycle, each next one twice as long (default: the whole run)"})
     eval_fraction: float = field(default=0.1, metadata={"help": "share of rows held out when no eval data is given"})
@@ -150,6 +160,11 @@ class PromptTuningResult:
     saved: SavedPrompt | None = None
     plot: Path | None = None
 
+    def heldout_losses(self) -> list[tuple[int, float]]:
+        """(step, held-out loss): before training (step 0), then after each epoch."""
+        before = [(0, self.initial_eval["loss"])] if self.initial_eval else []
+        return before + [(e.steps, e.eval["loss"]) for e in self.epochs if e.eval]
+
     def summary(self) -> dict[str, Any]:
         return {"best_epoch": self.best_epoch, "stopped_early": self.stopped_early, "initial_eval": self.initial_eval,
                 "epochs": [asdict(e) for e in self.epochs], "step_losses": self.step_losses,
@@ -192,9 +207,9 @@ def prompt_tune(data: str | Path | list[dict], settings: PromptTuningSettings,
                              on_epoch)
     if out is not None:
         result.saved = prompt.save_pretrained(out)
-        (Path(out) / "history.json").write_text(json.dumps(result.summary(), ensure_ascii=False, indent=1),
-                                                encoding="utf-8")
-        result.plot = save_loss_plot(result, Path(out) / "loss.png")
+        atomic_write_text(Path(out) / "history.json", json.dumps(result.summary(), ensure_ascii=False, indent=1))
+        result.plot = plot_losses(Path(out) / "loss.png", list(enumerate(result.step_losses, start=1)),
+                                  result.heldout_losses(), x_label="step")
     return result
 
 
@@ -206,10 +221,9 @@ def _train_loop(model, prompt: Prompt, train: list, held_out: list, collate, set
     batches_per_epoch = math.ceil(len(train) / settings.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / accumulate)
     total = min(settings.max_steps or steps_per_epoch * settings.epochs, steps_per_epoch * settings.epochs)
-    optimizer = torch.optim.AdamW(list(prompt.parameters()), lr=settings.lr, weight_decay=0.0)
+    optimizer = make_optimizer(prompt.provider, Optimizer.adamw, settings.lr, weight_decay=0.0)
     warmup = min(settings.warmup_steps, total // 10)  # a short run must not spend itself warming up
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(settings.scheduler, warmup, total,
-                                                                      settings.restart_steps))
+    factor = lr_factor(settings.scheduler, warmup, total, settings.restart_steps)
     order = torch.Generator().manual_seed(settings.seed)
     epochs, step_losses, step = [], [], 0
     best_loss, best_epoch, best_state, stale = float("inf"), 0, None, 0
@@ -228,8 +242,9 @@ def _train_loop(model, prompt: Prompt, train: list, held_out: list, collate, set
                 loss.backward()
                 value += loss.detach().item()
             torch.nn.utils.clip_grad_norm_(list(prompt.parameters()), 1.0)
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = settings.lr * factor(step)
             optimizer.step()
-            schedule.step()
             step += 1
             step_losses.append(value)
             epoch_losses.append(value)
@@ -268,24 +283,26 @@ def _evaluate(model, rows: list, collate, batch_size: int, classification: bool)
 
 
 def lr_factor(kind: str, warmup: int, total: int, restart_steps: int | None = None) -> Callable[[int], float]:
-    """The learning rate's multiplier at each step: linear warm-up, then linear decay to 0 (transformers'
-    get_linear_schedule_with_warmup), constant (get_constant_schedule_with_warmup), or cosine cycles of
-    `restart_steps`, each twice the previous (torch's CosineAnnealingWarmRestarts with T_mult=2)."""
+    """The learning rate's multiplier at each step, by rugpt's one schedule (`scheduled_lr`): linear warm-up,
+    then linear decay to 0 (transformers' get_linear_schedule_with_warmup), constant
+    (get_constant_schedule_with_warmup), or cosine cycles of `restart_steps`, each twice the previous (torch's
+    CosineAnnealingWarmRestarts with T_mult=2).
+
+    As in ruPrompts and transformers, the peak comes at step `warmup`, after `warmup` rising steps; scheduled_lr
+    counts the peak step as the last of its warm-up, hence `warmup + 1` (and the first step already learns).
+    """
+    shape = Schedule.cosine if kind == "cosine_restarts" else Schedule(kind)
     cycle = restart_steps or max(1, total - warmup)
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if kind == "constant":
-            return 1.0
-        if kind == "cosine_restarts":
-            t, length = step - warmup, cycle
-            while t >= length:
-                t, length = t - length, length * 2
-            return 0.5 * (1 + math.cos(math.pi * t / length))
-        return max(0.0, (total - step) / max(1, total - warmup))
+    def progress(step: int) -> float:
+        if kind != "cosine_restarts":
+            return (step - warmup) / max(1, total - warmup)
+        t, length = step - warmup, cycle
+        while t >= length:
+            t, length = t - length, length * 2
+        return t / length
 
-    return factor
+    return lambda step: scheduled_lr(1.0, step, warmup + 1, progress(step), shape)
 
 
 def _collate(preprocessor) -> Callable[[list], dict[str, torch.Tensor]]:
@@ -380,27 +397,3 @@ def _preprocess(preprocessor, rows: list[dict], what: str) -> list:
         except (RugptError, KeyError) as exc:
             raise DataError(f"{what}: row {number}: {exc}") from None
     return processed
-
-
-def save_loss_plot(result: PromptTuningResult, path: Path) -> Path | None:
-    """Training loss per step and held-out loss per epoch, as a PNG; None when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed (pip install 'rugpt[train]'): no loss plot")
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(range(1, len(result.step_losses) + 1), result.step_losses, label="train (per step)", alpha=0.6)
-    evals = [(e.steps, e.eval["loss"]) for e in result.epochs if e.eval]
-    if evals:
-        ax.plot(*zip(*evals, strict=True), "o-", label="held-out (per epoch)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

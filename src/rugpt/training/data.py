@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import re
-import string
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from rugpt.errors import DataError, UsageError
+from rugpt.templates import SYNTAX, Template
 from rugpt.training.settings import FinetuneSettings, LossOn
 
 DEFAULT_TEMPLATE = "{text}"
@@ -98,49 +98,55 @@ def _read_utf8(path: Path) -> str:
     return text.replace("\r\n", "\n")
 
 
-def template_fields(template: str) -> list[str]:
-    """The field names of a template such as 'Q: {question}\\nA: {answer}', in order."""
-    try:
-        parts = list(string.Formatter().parse(template))
-    except ValueError as exc:
-        raise UsageError(f"template {template!r} is malformed: {exc}; write fields as {{name}} "
-                         f"and literal braces as {{{{ and }}}}") from None
-    names = [name for _, name, _, _ in parts if name is not None]
-    bad = [n for n in names if not n.isidentifier()]
-    if not names or bad:
-        raise UsageError(f"template {template!r} needs one or more plain {{field}} names (got {bad or 'none'})")
-    return names
+def parse_template(template: str) -> Template:
+    """A fine-tuning template such as 'Q: {question}\\nA: {answer}' under rugpt's one template rule
+    (rugpt.templates); it needs at least one field, the last of which is where the answer starts."""
+    parsed = Template(template)
+    if not parsed.fields:
+        raise UsageError(f"template {template!r} has no field: a .jsonl row becomes text through its fields; {SYNTAX}")
+    return parsed
 
 
-def render(template: str, row: dict, where: str) -> Example:
+def render(template: Template, row: dict, where: str) -> Example:
     """Fill a template from one JSONL row; the answer starts where the template's last field does."""
-    text, answer_start = "", 0
-    last = template_fields(template)[-1]
-    for literal, name, _, _ in string.Formatter().parse(template):
-        text += literal
-        if name is None:
-            continue
-        if row.get(name) is None:
-            fields = ", ".join(sorted(row)) or "none"
-            raise DataError(f"{where}: row has no field {name!r} used by the template (fields here: {fields})")
+    last, text, answer_start = template.fields[-1], "", 0
+    for piece, name in template.pieces(row, where, DataError):
         if name == last:
             answer_start = len(text)
-        text += str(row[name])
+        text += piece
     return Example(text, answer_start)
 
 
 def _read_jsonl_examples(path: Path, template: str, loss_on: LossOn) -> list[Example]:
     from rugpt.jsonl import iter_jsonl
 
-    template_fields(template)  # a malformed template is the user's first mistake to hear about
+    parsed = parse_template(template)  # a malformed template is the user's first mistake to hear about
     examples = []
     for line, row in iter_jsonl(path):
-        example = render(template, row, f"{path}:{line}")
+        try:
+            example = render(parsed, row, f"{path}:{line}")
+        except DataError:
+            _refuse_unknown_fields(parsed, path)
+            raise
         if loss_on == LossOn.all:
             example = Example(example.text)
         if example.text.strip():
             examples.append(example)
     return examples
+
+
+def _refuse_unknown_fields(template: Template, path: Path) -> None:
+    """A field that no row has is the template's mistake (a typo, say): a UsageError listing the fields the
+    rows do have, as classify and recommend word theirs. Runs only once a row has failed to fill."""
+    from rugpt.jsonl import iter_jsonl
+
+    fields: set[str] = set()
+    try:
+        for _, row in iter_jsonl(path):
+            fields.update(name for name, value in row.items() if value is not None)
+    except DataError:
+        return  # a broken line further on: the row that failed first is the error to report
+    template.require(allowed=fields)
 
 
 def tokenize(tokenizer, examples: list[Example]) -> list[tuple[list[int], list[bool]]]:
