@@ -1,6 +1,14 @@
 """rugpt: Russian GPT language models at work — load, generate, score, fine-tune, prompt-tune, serve.
 
 Names are imported on first use, so `import rugpt` (and the CLI) starts without loading torch.
+
+Plan a fine-tuning run before loading anything (`rugpt finetune ... --plan`): what fits the memory
+budget and its estimated peak, from the model's config alone:
+
+    import rugpt
+    plan = rugpt.plan_finetune("poems.txt", "runs/poems", "large", max_memory="16GB")
+    print(plan.describe())          # micro-batch, checkpointing, optimizer, estimated peak by part
+    rugpt.finetune("poems.txt", "runs/poems", "large", max_memory="16GB")   # runs that plan
 """
 
 from __future__ import annotations
@@ -24,12 +32,14 @@ _LAZY = {
     "RecommenderSettings": "rugpt.apps.recommender",
     "ScoreSettings": "rugpt.scoring",
     "Scorer": "rugpt.scoring",
+    "TrainingPlan": "rugpt.training.plan",
     "classify": "rugpt.classification",
     "download": "rugpt.download",
     "finetune": "rugpt.training.finetune",
     "generate": "rugpt.generation",
     "list_models": "rugpt.models",
     "load": "rugpt.models",
+    "plan_finetune": "rugpt.training.finetune:plan",  # `rugpt finetune --plan`: a TrainingPlan, no weights loaded
     "play": "rugpt.apps.adventure.terminal",
     "prompt_tune": "rugpt.prompts.training",
     "read_jsonl": "rugpt.jsonl",
@@ -43,7 +53,8 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
+        module, _, attribute = _LAZY[name].partition(":")  # "module:attribute" where the names differ
+        value = getattr(importlib.import_module(module), attribute or name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'rugpt' has no attribute {name!r}")

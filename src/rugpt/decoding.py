@@ -9,18 +9,26 @@ never stops the others.
 Text is built incrementally: each token is decoded in a small window (never the whole text again), and
 stop strings are matched with Knuth-Morris-Pratt automata fed only the new characters, so the work per
 token does not grow with the text — on the server it runs inside the one decode thread.
+
+Two things only some rows ask for, and only they pay for: a grammar (rugpt.grammar: the row's sampler chooses
+among the tokens its matcher allows, and the row ends with "stop" once the grammar is complete) and
+log-probabilities (each picked token's log-prob under the model's raw distribution, with the likeliest
+alternatives: rugpt.sampling.token_logprobs).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from rugpt.engines.base import DecodeEngine
-from rugpt.sampling import RowSampler, SamplingParams
+from rugpt.sampling import RowSampler, SamplingParams, TokenLogprobs, token_logprobs
+
+if TYPE_CHECKING:
+    from rugpt.grammar import GrammarMatcher, JsonGrammar
 
 FinishReason = Literal["stop", "length"]
 # A character is at most 4 UTF-8 bytes, so a character split between tokens is whole within a few tokens;
@@ -188,6 +196,8 @@ class RowSettings:
     params: SamplingParams
     max_new_tokens: int
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # report each token's log-prob with this many alternatives; None: none
+    grammar: JsonGrammar | None = None  # output held to it (each row gets its own matcher)
 
 
 @dataclass(frozen=True)
@@ -197,6 +207,7 @@ class RowStep:
     token: int | None  # the generated token; None when it was end-of-text, which is not part of the text
     piece: str  # text that became safe to show (the rest of the text when the row finished)
     finish: FinishReason | None  # set when this pick ended the row
+    logprobs: TokenLogprobs | None = None  # the picked token's (end-of-text's too), when the row reports them
 
 
 @dataclass(eq=False)
@@ -211,23 +222,34 @@ class RowDecoder:
     limit: int  # most tokens it may generate: its budget, or fewer when the context fills first
     ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
+    grammar: GrammarMatcher | None = None
+    top_logprobs: int | None = None  # None: no log-probs for this row
 
     @property
     def text(self) -> str:
         return self.cutter.text
 
     def pick(self) -> RowStep:
-        """Sample the next token from `logits` and apply the finish rules."""
-        token = self.sampler.next_token(self.logits)
+        """Sample the next token from `logits` (among the grammar's allowed ones) and apply the finish rules."""
+        allowed = self.grammar.allowed() if self.grammar is not None else None
+        return self.take(self.sampler.next_token(self.logits, allowed))
+
+    def take(self, token: int) -> RowStep:
+        """Apply the finish rules to a token already chosen from `logits` (speculative decoding chooses it)."""
+        logprobs = None
+        if self.top_logprobs is not None:
+            [logprobs] = token_logprobs(self.logits[None], [token], self.top_logprobs, self.sampler.vocab_size)
         if token == self.eos_id:
-            return self._end(RowStep(None, self.cutter.finish(), "stop"))
+            return self._end(RowStep(None, self.cutter.finish(), "stop", logprobs))
+        if self.grammar is not None:
+            self.grammar.accept(token)
         self.ids.append(token)
         piece = self.cutter.push([token])
-        if self.cutter.stopped:
-            return self._end(RowStep(token, piece, "stop"))
+        if self.cutter.stopped or (self.grammar is not None and self.grammar.done):
+            return self._end(RowStep(token, piece + self.cutter.finish(), "stop", logprobs))
         if len(self.ids) >= self.limit:
-            return self._end(RowStep(token, piece + self.cutter.finish(), "length"))
-        return RowStep(token, piece, None)
+            return self._end(RowStep(token, piece + self.cutter.finish(), "length", logprobs))
+        return RowStep(token, piece, None, logprobs)
 
     def close(self) -> str:
         """End the row early (cancelled): the text still held back."""
@@ -239,15 +261,19 @@ class RowDecoder:
 
 
 def start_row(engine: DecodeEngine, tokenizer, prompt_ids: list[int], settings: RowSettings, seed: int | None,
-              embeds: torch.Tensor | None = None) -> RowDecoder:
-    """Prefill `prompt_ids` (or their `embeds`, a trained prompt) on `engine` and set up the row's decode."""
+              embeds: torch.Tensor | None = None, prefilled: tuple[int, torch.Tensor] | None = None) -> RowDecoder:
+    """Prefill `prompt_ids` (or their `embeds`, a trained prompt) on `engine` and set up the row's decode.
+
+    `prefilled` is (engine row, next-token logits) of a row that already holds the prompt (the server prefills
+    in chunks and from its prefix cache, rugpt.engines.prefill); it is used instead of a prefill."""
     sampler = RowSampler(settings.params, prompt_ids, seed, engine.sampleable_vocab)  # before the engine row
     cutter = StopStringCutter(tokenizer, settings.stop)
-    engine_row, logits = engine.prefill(prompt_ids, embeds)
+    grammar = settings.grammar.matcher() if settings.grammar is not None else None
+    engine_row, logits = prefilled if prefilled is not None else engine.prefill(prompt_ids, embeds)
     # The context holds the prompt plus every generated token but the last, which needs no step after it.
     room = engine.context_length - engine.lengths[engine_row] + 1
     return RowDecoder(engine_row, logits, sampler, cutter, tokenizer.eos_token_id,
-                      min(settings.max_new_tokens, room))
+                      min(settings.max_new_tokens, room), grammar=grammar, top_logprobs=settings.logprobs)
 
 
 def advance(engine: DecodeEngine, rows: list[RowDecoder]) -> list[RowStep | Exception]:

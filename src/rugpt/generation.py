@@ -19,6 +19,7 @@ from rugpt.decoding import RowDecoder, RowSettings, RowStep, advance, cut_at_sto
 from rugpt.errors import UsageError
 from rugpt.models import LoadedModel, load
 from rugpt.sampling import SEED_SPACE, SamplingParams
+from rugpt.speculative import SpeculatingRow, SpeculationStats, Speculator, advance_speculating
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,9 @@ class GenerationSettings:
     num_return_sequences: int = field(default=1, metadata={"help": "how many continuations to return"})
     seed: int | None = field(default=None, metadata={"help": "random seed: the same seed gives the same text"})
     stop: tuple[str, ...] = field(default=(), metadata={"help": "cut the text before the first of these strings"})
+    speculate: str | None = field(default=None, metadata={"help": (
+        "speculative decoding: 'lookup' drafts from the prompt and text so far, or a smaller model of the same "
+        "tokenizer (name or path) drafts; the same text as without (greedy) or the same distribution (sampling)")})
 
     def __post_init__(self) -> None:
         self.stop = tuple(self.stop)
@@ -88,6 +92,11 @@ class GenerationSettings:
             (self.num_beams == 1 or not self.do_sample,
              f"num_beams={self.num_beams} with do_sample=True: beam search is deterministic here; use "
              f"do_sample=False for beams, or num_beams=1 to sample"),
+            (self.speculate is None or bool(self.speculate.strip()),
+             "speculate must be 'lookup' or a draft model's name or path, not empty"),
+            (self.speculate is None or self.num_beams == 1,
+             f"speculate={self.speculate!r} with num_beams={self.num_beams}: speculative decoding replaces greedy "
+             f"or sampled decoding, not beam search; use num_beams=1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -148,6 +157,7 @@ class GenerationResult:
     prompt_tokens: int
     prompt_truncated: bool
     engine: str
+    speculation: SpeculationStats | None = None  # drafted / accepted tokens when `speculate` was set
 
     @property
     def text(self) -> str:
@@ -160,8 +170,8 @@ class GenerationResult:
 class Generator:
     """Keeps a model (and its decode engine) loaded; `rugpt.generate` is the one-call version.
 
-    Beam search runs on transformers' `generate`; everything else runs on the decode engine (`engine`:
-    auto, transformers, fast, fast-bf16, fast-fp16, fast-int8, llamacpp-f32/-f16/-q8) with rugpt's own sampler.
+    Beam search runs on transformers' `generate`; everything else runs on the decode engine (`engine`: a
+    name of `rugpt.engines.EngineChoice`, which lists them with their descriptions) with rugpt's own sampler.
     """
 
     def __init__(self, model: LoadedModel | str | None = None, device: str | None = None, dtype: str | None = None,
@@ -171,6 +181,7 @@ class Generator:
         self.engine_choice = parse_engine(engine)  # before loading: a typo should not cost a model load
         self.loaded = model if isinstance(model, LoadedModel) else load(model, device=device, dtype=dtype)
         self._engine = None
+        self._speculators: dict[str, Speculator] = {}  # by `speculate`: a draft model loads once
 
     @property
     def tokenizer(self):
@@ -221,14 +232,17 @@ class Generator:
             return [self._beam_result(p, ids, cut, settings) for p, (ids, cut) in zip(prompts, encoded, strict=True)]
         n = settings.num_return_sequences
         finished: dict[int, RowDecoder] = {}
-        for index, row, step in self._decode_rows([ids for ids, _ in encoded], settings):
+        stats: list[SpeculationStats] = []
+        for index, row, step in self._decode_rows([ids for ids, _ in encoded], settings, stats):
             if step.finish is not None:
                 finished[index] = row
         rows = [finished[i] for i in range(len(finished))]
         completions = [Completion(row.text, row.ids, row.finish_reason) for row in rows]
         engine = self.engine(len(rows)).name
+        speculation = [sum(stats[i * n : i * n + n], SpeculationStats()) if stats else None
+                       for i in range(len(prompts))]
         return [
-            GenerationResult(prompt, completions[i * n : i * n + n], len(ids), truncated, engine)
+            GenerationResult(prompt, completions[i * n : i * n + n], len(ids), truncated, engine, speculation[i])
             for i, (prompt, (ids, truncated)) in enumerate(zip(prompts, encoded, strict=True))
         ]
 
@@ -253,36 +267,57 @@ class Generator:
         for index, _, step in self._decode_rows(prompts, settings):
             yield index, step.token, step.finish
 
-    def _decode_rows(self, prompts: list[list[int]], settings: GenerationSettings
-                     ) -> Iterator[tuple[int, RowDecoder, RowStep]]:
+    def _decode_rows(self, prompts: list[list[int]], settings: GenerationSettings,
+                     stats: list[SpeculationStats] | None = None) -> Iterator[tuple[int, RowDecoder, RowStep]]:
         """Rows of the decode core for `prompts`, stepped together until all finish.
 
         Yields (row index, the row, its step) for every pick; a row whose pick fails raises its error here
-        (one call, one caller: nobody else's rows to protect)."""
+        (one call, one caller: nobody else's rows to protect). With `settings.speculate` each row drafts and
+        checks several tokens per engine call; its SpeculationStats go into `stats`, one per row."""
         n = settings.num_return_sequences
         engine = self.engine(len(prompts) * n)
+        speculator = self.speculator(settings.speculate) if settings.speculate else None
         row_settings = settings.row_settings()
         rows: list[RowDecoder] = []
+        speculating: list[SpeculatingRow] = []
         try:
+            if speculator is not None:
+                speculator.reserve(len(prompts) * n)
             for ids in prompts:
                 embeds = self._prompt_embeds(ids)
                 for _ in range(n):
                     seed = None if settings.seed is None else settings.seed + len(rows)
                     rows.append(start_row(engine, self.tokenizer, ids, row_settings, seed, embeds))
+                    if speculator is not None:
+                        speculating.append(speculator.start(rows[-1], ids, engine.sampleable_vocab))
+            if stats is not None:
+                stats.extend(row.stats for row in speculating)
             active = list(enumerate(rows))
             while active:
-                outcomes = advance(engine, [row for _, row in active])
+                if speculating:
+                    outcomes = advance_speculating(engine, [speculating[i] for i, _ in active], speculator.costs)
+                else:
+                    outcomes = [o if isinstance(o, Exception) else [o] for o in advance(engine, [r for _, r in active])]
                 going = []
-                for (index, row), outcome in zip(active, outcomes, strict=True):
-                    if isinstance(outcome, Exception):
-                        raise outcome
-                    yield index, row, outcome
-                    if outcome.finish is None:
+                for (index, row), steps in zip(active, outcomes, strict=True):
+                    if isinstance(steps, Exception):
+                        raise steps
+                    for step in steps:
+                        yield index, row, step
+                    if steps[-1].finish is None:
                         going.append((index, row))
                 active = going
         finally:
             for row in rows:
                 engine.release(row.engine_row)
+            for row in speculating:
+                row.release()
+
+    def speculator(self, speculate: str) -> Speculator:
+        """What drafts for `speculate` ('lookup' or a draft model, loaded once and kept)."""
+        if speculate not in self._speculators:
+            self._speculators[speculate] = Speculator(speculate, self.loaded, self.engine_choice)
+        return self._speculators[speculate]
 
     def _beam_result(self, prompt: str, ids: list[int], truncated: bool, settings: GenerationSettings):
         output = self._beam_search(ids, settings)

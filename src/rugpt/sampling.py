@@ -8,6 +8,11 @@ Every value the settings' validation lets through must work, because on the serv
 would be a failure inside a shared batch: temperatures and penalties down to the smallest positive float
 and up to the largest, top_p so small it rounds to zero in float32, top_k past the vocabulary, logits with
 -inf, +inf or NaN. Only a row with no finite logit at all has nothing to pick (`NoTokenToPick`).
+
+A row may also be held to a set of allowed tokens (a grammar's mask, rugpt.grammar): the mask applies after
+the penalties, so the tokens sampling chooses from are always allowed ones. Log-probabilities reported to a
+caller (`token_logprobs`) are the model's own distribution, log-softmax of the raw logits before any of this,
+as vLLM reports them by default and as OpenAI describes them.
 """
 
 from __future__ import annotations
@@ -52,11 +57,24 @@ class RowSampler:
         # Modulo the seed space, so that every int (seed + row too) is a seed; torch itself maps -1 to 2**64 - 1.
         self.generator = torch.Generator().manual_seed(seed % SEED_SPACE)
 
-    def next_token(self, logits: torch.Tensor) -> int:
-        """Pick the next token from this row's logits [vocab] and append it to the history."""
-        token = pick_token(self.process(logits), self.params, self.generator)
+    def next_token(self, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> int:
+        """Pick the next token from this row's logits [vocab] and append it to the history.
+
+        `allowed` (bool [n ≤ vocab], True where a token may come next; ids past it are never allowed) holds the
+        row to a grammar. It outranks repetition penalty and n-gram blocking: when those ban every allowed
+        token, the row picks among the allowed ones as if they were off, rather than having nothing to pick."""
+        token = pick_token(self.target_logits(logits, allowed), self.params, self.generator)
         self.history.append(token)
         return token
+
+    def target_logits(self, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """What `next_token` picks from: `process`, then the grammar's mask (see `next_token`)."""
+        processed = self.process(logits)
+        if allowed is not None:
+            restrict(processed, allowed)
+            if not bool(torch.isfinite(processed).any()):
+                processed = restrict(logits.float().clone(), allowed)
+        return processed
 
     def process(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits after repetition penalty and n-gram blocking (before temperature and truncation)."""
@@ -74,6 +92,45 @@ class RowSampler:
             if banned:
                 logits[list(banned)] = float("-inf")
         return logits
+
+
+def restrict(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Set every token of `logits` [vocab] outside `allowed` (bool [n]; ids ≥ n included) to -inf, in place."""
+    n = min(allowed.numel(), logits.numel())
+    logits[:n].masked_fill_(~allowed[:n], float("-inf"))
+    logits[n:] = float("-inf")
+    return logits
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A token's log-probability (natural log) under the model's own distribution at its position, and the
+    likeliest tokens there as (id, log-prob), likeliest first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+# JSON has no -inf or NaN: a token the model gives no chance at all is reported at this floor, as vLLM does.
+LOGPROB_FLOOR = -9999.0
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int = 0,
+                   vocab_size: int | None = None) -> list[TokenLogprobs]:
+    """Log-softmax of raw `logits` [positions, vocab] at each position's token, with the `top` likeliest ids.
+
+    The alternatives come from ids below `vocab_size` (padded embedding rows are never offered); the log-probs
+    themselves are over the whole row of logits, as a forward pass over the text scores it (rugpt.scoring)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    logprobs = torch.nan_to_num(logprobs, nan=LOGPROB_FLOOR, neginf=LOGPROB_FLOOR).clamp(min=LOGPROB_FLOOR)
+    chosen = logprobs.gather(-1, torch.tensor(tokens, dtype=torch.long, device=logprobs.device)[:, None])[:, 0].tolist()
+    if top <= 0:
+        return [TokenLogprobs(t, lp) for t, lp in zip(tokens, chosen, strict=True)]
+    offered = logprobs[:, :vocab_size] if vocab_size else logprobs
+    values, indices = torch.topk(offered, min(top, offered.shape[-1]), dim=-1)
+    return [TokenLogprobs(t, lp, tuple(zip(ids, vals, strict=True)))
+            for t, lp, ids, vals in zip(tokens, chosen, indices.tolist(), values.tolist(), strict=True)]
 
 
 def banned_ngram_tokens(history: list[int], n: int) -> set[int]:
@@ -115,9 +172,17 @@ def candidates(logits: torch.Tensor) -> torch.Tensor:
 
 def pick_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """Greedy argmax, or a sample after temperature, top-k and top-p."""
-    logits = candidates(logits)
     if not params.do_sample:
-        return int(torch.argmax(logits))
+        return int(torch.argmax(candidates(logits)))
+    probs, indices = sampling_probs(logits, params)
+    choice = torch.multinomial(probs, 1, generator=generator)
+    return int(indices[choice])
+
+
+def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distribution sampling draws from: the tokens it may pick after temperature, top-k and top-p, likeliest
+    first, and their probabilities (what speculative decoding checks drafts against)."""
+    logits = candidates(logits)
     # Shifted so the likeliest logit is 0 before scaling: a tiny temperature sends the others to -inf
     # (effectively greedy) instead of the likeliest to +inf, and softmax never sees inf - inf.
     logits = (logits - logits.max()) / float32_factor(params.temperature)
@@ -132,6 +197,4 @@ def pick_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
         keep = (torch.cumsum(probs, dim=-1) - probs) < params.top_p
         keep[0] = True
         values, indices = values[keep], indices[keep]
-    probs = torch.softmax(values, dim=-1)
-    choice = torch.multinomial(probs, 1, generator=generator)
-    return int(indices[choice])
+    return torch.softmax(values, dim=-1), indices

@@ -17,6 +17,7 @@ import torch
 
 from rugpt.errors import UsageError
 from rugpt.models import LoadedModel, load
+from rugpt.sampling import TokenLogprobs, token_logprobs
 
 
 @dataclass
@@ -164,6 +165,18 @@ class Scorer:
         window, stride = settings.window_and_stride(self.loaded.context_length)
         return [logprobs for logprobs, _ in self._logprobs(requests, window, stride, settings.batch_size)]
 
+    def prompt_logprobs(self, ids: Sequence[int], top: int = 0) -> list[TokenLogprobs | None]:
+        """Each token of `ids` given those before it, with its `top` likeliest alternatives; None for the first,
+        which nothing predicts. One forward pass: `ids` must fit the model's context (the server's echo)."""
+        ids = list(ids)
+        if len(ids) > self.loaded.context_length:
+            raise UsageError(f"{len(ids)} tokens do not fit the model's context of {self.loaded.context_length}")
+        if len(ids) < 2:
+            return [None] * len(ids)
+        logits = self._logits([(ids, 1)])[0, : len(ids) - 1]
+        vocab = getattr(self.loaded, "sampleable_vocab", None)
+        return [None, *token_logprobs(logits, ids[1:], top, vocab)]
+
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
@@ -204,7 +217,20 @@ class Scorer:
 
     @torch.inference_mode()
     def _forward(self, rows: list[tuple[list[int], int]]) -> list[list[float]]:
-        """Score a batch of rows, right-padded: real tokens keep positions 0..n-1 and never see the padding."""
+        """Score a batch of rows: the log-prob of each token from its row's `first` on."""
+        logits = self._logits(rows)
+        results = []
+        for r, (ids, first) in enumerate(rows):
+            # logits[p - 1] predicts token p: [targets, vocab] in float32, whatever the model's dtype.
+            predicting = logits[r, first - 1 : len(ids) - 1].float().log_softmax(dim=-1)
+            targets = torch.tensor(ids[first:], device=predicting.device)
+            results.append(predicting.gather(1, targets[:, None])[:, 0].tolist())
+        return results
+
+    @torch.inference_mode()
+    def _logits(self, rows: list[tuple[list[int], int]]) -> torch.Tensor:
+        """The model's logits [rows, longest, vocab] over a batch of rows right-padded: real tokens keep
+        positions 0..n-1 and never see the padding."""
         model = self.loaded.model
         longest = max(len(ids) for ids, _ in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -213,14 +239,7 @@ class Scorer:
         for r, (ids, _) in enumerate(rows):
             input_ids[r, : len(ids)] = torch.tensor(ids)
             mask[r, : len(ids)] = 1
-        logits = model(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device)).logits
-        results = []
-        for r, (ids, first) in enumerate(rows):
-            # logits[p - 1] predicts token p: [targets, vocab] in float32, whatever the model's dtype.
-            predicting = logits[r, first - 1 : len(ids) - 1].float().log_softmax(dim=-1)
-            targets = input_ids[r, first : len(ids)].to(predicting.device)
-            results.append(predicting.gather(1, targets[:, None])[:, 0].tolist())
-        return results
+        return model(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device)).logits
 
 
 def score(

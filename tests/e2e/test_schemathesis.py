@@ -1,4 +1,5 @@
-"""An API fuzzer (schemathesis) against the app's own OpenAPI spec, in-process only: no answer is a 5xx.
+"""An API fuzzer (schemathesis) against the app's own OpenAPI spec, in-process only: no answer is a 5xx, and
+every answer's status, content type and body are the ones the spec documents for its route.
 
 Schemathesis builds requests from the spec — valid ones (positive) and near misses (negative) — and sends
 them through its ASGI client, with the app's lifespan (the decode thread) run once around them. Bounded:
@@ -10,6 +11,12 @@ import pytest
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from schemathesis import GenerationMode  # noqa: E402
+from schemathesis.checks import (  # noqa: E402
+    content_type_conformance,
+    not_a_server_error,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from _serve_helpers import make_app  # noqa: E402
 
@@ -18,12 +25,18 @@ from _serve_helpers import make_app  # noqa: E402
 EXAMPLES = {GenerationMode.POSITIVE: 100, GenerationMode.NEGATIVE: 50}
 
 
+CONFORMANCE = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+
+
 def check(case) -> None:
     response = case.call(timeout=30)
     assert response.status_code < 500, f"{case.method} {case.formatted_path} {case.body!r} → {response.text}"
     content_type = response.headers.get("content-type", [""])[0]  # schemathesis keeps every value of a header
     if response.status_code >= 400 and content_type.startswith("application/json"):
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    # A documented status, content type and body shape for whatever came back (issue 15): no client reading
+    # the spec meets an answer it was not told about.
+    case.validate_response(response, checks=CONFORMANCE)
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ Every test sends a bounded number of requests to 127.0.0.1 only, with client tim
 """
 
 import asyncio
+import json
 import time
 
 import httpx
@@ -44,6 +45,37 @@ def test_the_official_openai_client_works(tiny):
     assert completion.choices[0].finish_reason == "length" and completion.usage.completion_tokens == 8
     assert "".join(pieces) == completion.choices[0].text
     assert chat.choices[0].message.role == "assistant" and "".join(chat_pieces) == chat.choices[0].message.content
+
+
+def test_the_official_openai_client_gets_logprobs_echo_and_json_schema_output(tiny):
+    pytest.importorskip("llguidance")
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = {"type": "object", "additionalProperties": False, "required": ["answer", "sure"],
+              "properties": {"answer": {"enum": ["да", "нет"]}, "sure": {"type": "boolean"}}}
+    with live_server(make_app(tiny, ban_eos=False)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=30)
+        model = client.models.list().data[0].id
+        chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Привет"}],
+                                              max_tokens=4, seed=1, logprobs=True, top_logprobs=3)
+        echoed = client.completions.create(model=model, prompt=PROMPT, max_tokens=0, echo=True, logprobs=1)
+        completion = client.completions.create(model=model, prompt=PROMPT, max_tokens=3, temperature=0, logprobs=2)
+        structured = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Ответь в JSON"}], max_tokens=30, seed=4,
+            response_format={"type": "json_schema", "json_schema": {"name": "reply", "schema": schema,
+                                                                    "strict": True}})
+        with pytest.raises(openai.BadRequestError, match="uniqueItems"):
+            client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "?"}],
+                response_format={"type": "json_schema", "json_schema": {
+                    "name": "bad", "strict": True, "schema": {"type": "array", "uniqueItems": True}}})
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(t.top_logprobs) == 3 for t in content)
+    assert all(t.logprob <= 0 and isinstance(t.bytes, list) for t in content)
+    assert echoed.choices[0].text == PROMPT and echoed.choices[0].logprobs.token_logprobs[0] is None
+    assert len(echoed.choices[0].logprobs.tokens) == echoed.usage.prompt_tokens
+    assert len(completion.choices[0].logprobs.top_logprobs) == 3 and completion.choices[0].logprobs.text_offset[0] == 0
+    assert structured.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(structured.choices[0].message.content), schema)
 
 
 def test_32_concurrent_requests_with_8_waiting_slots_are_all_answered(tiny):

@@ -1,5 +1,7 @@
-"""The decode core: incremental text, stop strings (against brute-force references), finish rules, row faults."""
+"""The decode core: incremental text, stop strings (against brute-force references), finish rules, row faults,
+log-probs."""
 
+import dataclasses
 import time
 
 import pytest
@@ -215,3 +217,32 @@ def test_cut_at_stop_ends_right_before_the_earliest_stop_string(text, stop):
     cut = cut_at_stop(text, tuple(stop))
     assert text.startswith(cut) and not any(s in cut for s in stop)
     assert cut == text or any(text[len(cut):].startswith(s) for s in stop)
+
+
+# --- log-probs (issue 15): only rows that ask, from the model's own logits ---
+
+
+@pytest.mark.parametrize("engine_name", ["transformers", "fast"])
+def test_row_logprobs_are_the_log_softmax_of_the_models_logits(tiny, engine_name):
+    from rugpt.engines import create_engine
+
+    engine = create_engine(tiny, engine_name, max_rows=2)
+    prompt = tiny.tokenizer("Мой дядя самых честных", add_special_tokens=False)["input_ids"]
+    sampled = RowSettings(SamplingParams(temperature=1.3, repetition_penalty=1.3), max_new_tokens=6, logprobs=3)
+    asking = start_row(engine, tiny.tokenizer, prompt, sampled, seed=7)
+    silent = start_row(engine, tiny.tokenizer, prompt, dataclasses.replace(sampled, logprobs=None), seed=7)
+    steps = []
+    while asking.finish_reason is None:
+        [step, quiet] = advance(engine, [asking, silent])
+        steps.append(step)
+        assert quiet.logprobs is None and quiet.token == step.token  # asking changes nothing of the text
+    ids = prompt + [s.logprobs.token for s in steps]  # end-of-text, if picked, has its entry too
+    with torch.inference_mode():
+        logits = tiny.model(torch.tensor([ids])).logits[0, len(prompt) - 1 : -1].float()
+    expected = torch.log_softmax(logits, dim=-1)  # raw logits: before penalty, temperature and truncation
+    for position, step in enumerate(steps):
+        entry = step.logprobs
+        assert entry.logprob == pytest.approx(float(expected[position, entry.token]), abs=1e-4)
+        values, top_ids = torch.topk(expected[position], 3)
+        assert [t for t, _ in entry.top] == top_ids.tolist()
+        assert [lp for _, lp in entry.top] == pytest.approx(values.tolist(), abs=1e-4)

@@ -125,3 +125,95 @@ def test_fast_engine_refuses_other_architectures(tiny):
         assert create_engine(tiny, "auto").name == "transformers"
     finally:
         tiny.model.config.scale_attn_by_inverse_layer_idx = False
+
+
+ROW_API_ENGINES = ["transformers", "fast", "fast-bf16", "fast-fp16", "fast-int8"]
+# A step of 16-bit or int8 weights may run on the compiled kernel, a prefill or extend on torch's, and int8
+# quantizes a batch's activations together: results then depend on how tokens were grouped, by about as much
+# as the formats differ from fp32 (test_compressed_weights_stay_close).
+GROUPING_TOLERANCE = {"transformers": 1e-5, "fast": 1e-5, "fast-bf16": 0.1, "fast-fp16": 0.1, "fast-int8": 0.1}
+
+
+def assert_near(got: torch.Tensor, expected: torch.Tensor, choice: str) -> None:
+    assert (got - expected).abs().max() / expected.abs().max() < GROUPING_TOLERANCE[choice]
+
+
+@pytest.mark.parametrize("choice", ROW_API_ENGINES)
+def test_extend_in_chunks_equals_one_prefill_and_single_steps(tiny, choice):
+    engine = create_engine(tiny, choice)
+    ids = prompt_ids(tiny, "Я помню чудное мгновенье: передо мной явилась ты, как мимолётное виденье")
+    _, whole = engine.prefill(ids)
+    row, _ = engine.prefill(ids[:3])
+    for start in range(3, len(ids), 5):
+        chunked = engine.extend(row, ids[start : start + 5])
+    torch.testing.assert_close(chunked, whole, atol=1e-4, rtol=1e-4)
+    # every position's logits at once equal the logits of stepping the same tokens one at a time
+    continuation = [5, 17, 99, 4]
+    stepped = run_tokens(engine, ids, continuation)[1:]
+    all_at_once = engine.extend(row, continuation, all_logits=True)
+    assert all_at_once.shape == (len(continuation), engine.vocab_size)
+    assert_near(all_at_once, stepped, choice)
+
+
+@pytest.mark.parametrize("choice", ROW_API_ENGINES)
+def test_truncate_then_step_equals_never_having_appended(tiny, choice):
+    engine = create_engine(tiny, choice)
+    ids = prompt_ids(tiny)
+    plain, _ = engine.prefill(ids)
+    engine.extend(plain, [7])
+    expected = engine.step([plain], [8])[0]
+    row, _ = engine.prefill(ids)
+    engine.extend(row, [7, 30, 31, 32])  # a draft whose last three tokens are rejected
+    engine.truncate(row, len(ids) + 1)
+    assert engine.lengths[row] == len(ids) + 1
+    assert_near(engine.step([row], [8])[0], expected, choice)
+
+
+@pytest.mark.parametrize("choice", ["transformers", "fast"])
+def test_a_row_opened_from_exported_kv_continues_like_the_original(tiny, choice):
+    engine = create_engine(tiny, choice)
+    ids = prompt_ids(tiny, "Буря мглою небо кроет, вихри снежные крутя")
+    source, expected = engine.prefill(ids)
+    kv = engine.export_kv(source, 0, len(ids) - 2)
+    assert kv.shape[:2] == (tiny.model.config.n_layer, 2) and kv.shape[3] == len(ids) - 2
+    engine.release(source)
+    row = engine.open_row(kv)
+    torch.testing.assert_close(engine.extend(row, ids[-2:]), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_row_api_limits_are_errors(tiny):
+    engine = create_engine(tiny, "fast")
+    row, _ = engine.prefill([1, 2, 3])
+    with pytest.raises(UsageError, match="no tokens"):
+        engine.extend(row, [])
+    with pytest.raises(UsageError, match="do not fit the context"):
+        engine.extend(row, [1] * tiny.context_length)
+    with pytest.raises(UsageError, match="from 0 to 3"):
+        engine.truncate(row, 4)
+    with pytest.raises(UsageError, match="not active"):
+        engine.extend(row + 1, [1])
+    with pytest.raises(UsageError, match="cannot export positions"):
+        engine.export_kv(row, 2, 5)
+
+
+def test_an_engine_without_the_row_api_names_itself(tiny):
+    from rugpt.engines.base import DecodeEngine
+
+    class Minimal(DecodeEngine):
+        name = "minimal"
+
+        def _prefill(self, row, token_ids, embeds):
+            return torch.zeros(4)
+
+        def _step(self, rows, token_ids):
+            return torch.zeros(len(rows), 4)
+
+        def _release(self, row):
+            pass
+
+    engine = Minimal(16, 4, 2)
+    row, _ = engine.prefill([1])
+    for call in (lambda: engine.extend(row, [2]), lambda: engine.truncate(row, 0),
+                 lambda: engine.export_kv(row, 0, 1), lambda: engine.open_row(torch.zeros(1, 2, 1, 1, 1))):
+        with pytest.raises(UsageError, match="'minimal' cannot"):
+            call()

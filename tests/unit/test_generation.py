@@ -3,6 +3,7 @@ import logging
 import pytest
 import torch
 
+from conftest import build_tiny_model
 from rugpt.decoding import StopStringCutter
 from rugpt.errors import UsageError
 from rugpt.generation import GenerationSettings, Generator, cut_at_stop
@@ -124,6 +125,8 @@ def test_finish_reason_length_when_budget_used(gen):
         (dict(num_beams=0), "num_beams=0"),
         (dict(do_sample=False, num_return_sequences=3), "num_return_sequences=3"),
         (dict(stop=("",)), "stop strings"),
+        (dict(speculate=" "), "speculate must be"),
+        (dict(speculate="lookup", num_beams=4, do_sample=False), "speculate='lookup' with num_beams=4"),
     ],
 )
 def test_invalid_settings_name_the_parameter(bad, needle):
@@ -194,3 +197,64 @@ def test_batch_equals_each_prompt_alone(gen):
         alone = gen.generate(prompt, settings, seed=5 + i)
         assert batch[i].completions[0].token_ids == alone.completions[0].token_ids
         assert batch[i].prompt == prompt
+
+
+# Speculative decoding (rugpt.speculative): the same text as plain decoding, fewer engine calls.
+REPEATING = "Кот сидел на окне. Кот сидел на окне. Кот сидел на окне. Кот сидел"
+
+
+@pytest.mark.parametrize("prompt", [PROMPT, REPEATING])
+@pytest.mark.parametrize("max_new_tokens", [1, 2, 7, 40])
+def test_greedy_with_lookup_is_plain_greedy(gen, prompt, max_new_tokens):
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, **GREEDY)
+    plain = gen.generate(prompt, settings)
+    fast = gen.generate(prompt, settings, speculate="lookup")
+    assert fast.completions == plain.completions
+    assert plain.speculation is None and fast.speculation.accepted <= fast.speculation.drafted
+
+
+def test_lookup_keeps_stop_strings_stream_and_sampled_text(gen):
+    for stop in [("окне",), (".",), ("сидел на", "Кот")]:
+        settings = GenerationSettings(max_new_tokens=30, stop=stop, **GREEDY)
+        assert gen.generate(REPEATING, settings, speculate="lookup").completions == gen.generate(
+            REPEATING, settings).completions
+    sampled = GenerationSettings(max_new_tokens=30, temperature=0.8, top_k=40, repetition_penalty=1.2,
+                                 no_repeat_ngram_size=4, seed=3, num_return_sequences=3)
+    plain = gen.generate_batch([REPEATING, PROMPT], sampled)
+    fast = gen.generate_batch([REPEATING, PROMPT], sampled, speculate="lookup")
+    assert [r.completions for r in fast] == [r.completions for r in plain]
+    streamed = "".join(gen.stream(REPEATING, sampled, num_return_sequences=1, speculate="lookup"))
+    assert streamed == gen.generate(REPEATING, sampled, num_return_sequences=1).text
+
+
+@pytest.fixture(scope="module")
+def draft_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-draft"), seed=1, n_embd=16)
+
+
+def test_draft_model_greedy_is_plain_greedy_and_sampling_repeats_with_the_seed(gen, draft_dir):
+    greedy = GenerationSettings(max_new_tokens=25, **GREEDY)
+    for prompt in (PROMPT, REPEATING):
+        result = gen.generate(prompt, greedy, speculate=str(draft_dir))
+        assert result.completions == gen.generate(prompt, greedy).completions
+        assert result.speculation.drafted > 0
+    # the target drafting for itself: every draft is accepted
+    itself = gen.generate(PROMPT, greedy, speculate=str(gen.loaded.folder))
+    assert itself.completions == gen.generate(PROMPT, greedy).completions
+    assert itself.speculation.accepted == itself.speculation.drafted > 0
+    sampled = GenerationSettings(max_new_tokens=25, temperature=1.0, top_k=0, seed=9, speculate=str(draft_dir))
+    first, second = gen.generate(PROMPT, sampled).text, gen.generate(PROMPT, sampled).text
+    assert first == second != gen.generate(PROMPT, sampled, seed=10).text
+
+
+def test_a_draft_model_with_another_tokenizer_is_refused(tiny, draft_dir, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    other = shutil.copytree(draft_dir, tmp_path / "other-vocab")
+    tokenizer = AutoTokenizer.from_pretrained(other)
+    tokenizer.add_tokens(["<лишний>"])
+    tokenizer.save_pretrained(other)
+    with pytest.raises(UsageError, match="draft model's tokenizer .* is not the target model's"):
+        Generator(tiny).generate(PROMPT, max_new_tokens=3, speculate=str(other))

@@ -5,7 +5,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rugpt.sampling import NoTokenToPick, RowSampler, SamplingParams, banned_ngram_tokens, pick_token
+from rugpt.sampling import (
+    LOGPROB_FLOOR,
+    NoTokenToPick,
+    RowSampler,
+    SamplingParams,
+    banned_ngram_tokens,
+    pick_token,
+    token_logprobs,
+)
 
 
 def test_repetition_penalty_follows_transformers_semantics():
@@ -127,3 +135,38 @@ def test_any_int_seed_seeds_a_row_the_same_way_twice():
     for seed in (-(2**80), -1, 2**64 - 1, 2**64, 10**30):
         a, b = (RowSampler(SamplingParams(), [], seed) for _ in range(2))
         assert [a.next_token(logits) for _ in range(5)] == [b.next_token(logits) for _ in range(5)]
+
+
+# --- log-probs and grammar masks (issue 15) ---
+
+
+def test_token_logprobs_are_log_softmax_of_the_raw_logits_with_the_likeliest_first():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(3))
+    expected = torch.log_softmax(logits, dim=-1)
+    entries = token_logprobs(logits, [4, 17, 49], top=5, vocab_size=40)
+    for row, (entry, token) in enumerate(zip(entries, [4, 17, 49], strict=True)):
+        assert entry.token == token and entry.logprob == pytest.approx(float(expected[row, token]), abs=1e-6)
+        values, ids = torch.topk(expected[row, :40], 5)  # alternatives only from the sampleable vocabulary
+        assert [t for t, _ in entry.top] == ids.tolist()
+        assert [lp for _, lp in entry.top] == pytest.approx(values.tolist(), abs=1e-6)
+    assert token_logprobs(logits, [1, 2, 3])[0].top == ()
+
+
+def test_token_logprobs_of_impossible_tokens_stay_finite_for_json():
+    logits = torch.tensor([[0.0, float("-inf"), float("nan"), 1.0]])
+    [entry] = token_logprobs(logits, [1], top=4)
+    assert entry.logprob == LOGPROB_FLOOR and all(math.isfinite(lp) for _, lp in entry.top)
+
+
+def test_a_grammar_mask_limits_the_pick_and_outranks_ngram_blocking():
+    logits = torch.tensor([9.0, 1.0, 2.0, 3.0, 0.5])
+    allowed = torch.tensor([False, True, True, False])  # id 4 lies past the mask: never allowed
+    sampler = RowSampler(SamplingParams(do_sample=False), [])
+    assert sampler.next_token(logits, allowed) == 2
+    picks = {RowSampler(SamplingParams(), [], seed=s).next_token(logits, allowed) for s in range(40)}
+    assert picks <= {1, 2} and len(picks) == 2
+    # n-gram blocking bans both allowed ids: the grammar wins, the row still has a token to pick
+    blocked = RowSampler(SamplingParams(do_sample=False, no_repeat_ngram_size=1), history=[1, 2])
+    assert blocked.next_token(logits, allowed) == 2
+    with pytest.raises(NoTokenToPick):
+        RowSampler(SamplingParams(), []).next_token(logits, torch.zeros(5, dtype=torch.bool))

@@ -110,7 +110,13 @@ def test_models_health_and_metrics(tiny):
     ({"prompt": PROMPT, "temperature": 5}, 400, "temperature"),
     ({"prompt": PROMPT, "preset": "wild"}, 400, "preset"),
     ({"prompt": PROMPT, "preset": "precise"}, 400, "beam search"),
-    ({"prompt": PROMPT, "logprobs": 3}, 400, "logprobs"),
+    ({"prompt": PROMPT, "logprobs": 6}, 400, "logprobs"),
+    ({"prompt": PROMPT, "top_logprobs": 2}, 400, "top_logprobs"),
+    ({"prompt": PROMPT, "max_tokens": 0}, 400, "echo"),
+    ({"prompt": [5, 10**6], "max_tokens": 2}, 400, "outside this model's vocabulary"),
+    ({"prompt": PROMPT, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "objectx"}}}}, 400, "objectx"),
+    ({"prompt": PROMPT, "response_format": {"type": "yaml"}}, 400, "response_format"),
     ({"prompt": PROMPT, "presence_penalty": 0.5}, 400, "repetition_penalty"),
     ({"prompt": PROMPT, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"prompt": PROMPT, "trained_prompt": "joke"}, 400, "unknown trained prompt 'joke'"),
@@ -166,12 +172,17 @@ def test_api_keys_are_required_and_checked(tiny):
             right = await client.post("/v1/completions", json=GREEDY, headers={"Authorization": "Bearer k-two"})
             models = await client.get("/v1/models")
             health = await client.get("/health")
-            return none, wrong, right, models, health
+            metrics = await client.get("/metrics")
+            keyed_metrics = await client.get("/metrics", headers={"Authorization": "Bearer k-one"})
+            return none, wrong, right, models, health, metrics, keyed_metrics
 
-    none, wrong, right, models, health = run(main())
-    assert none.status_code == wrong.status_code == models.status_code == 401
+    none, wrong, right, models, health, metrics, keyed_metrics = run(main())
+    assert none.status_code == wrong.status_code == models.status_code == metrics.status_code == 401
     assert none.json()["error"]["code"] == "invalid_api_key" and none.headers["www-authenticate"] == "Bearer"
     assert right.status_code == 200 and health.status_code == 200
+    # the counters tell of other clients' traffic: behind the key, like the API (issue 14)
+    assert metrics.json()["error"]["code"] == "invalid_api_key" and "rugpt_generated_tokens" not in metrics.text
+    assert keyed_metrics.status_code == 200 and metric(keyed_metrics.text, "rugpt_generated_tokens_total") == 12
 
 
 def test_one_api_key_gets_429_beyond_its_share_while_another_is_served(tiny):

@@ -61,3 +61,41 @@ def test_serve_mounts_the_adventure_at_play(monkeypatch, tmp_path, tiny):
         created = client.post("/play/api/adventures", json={"scenario": "detective"})
         assert created.status_code == 201 and created.json()["token"]
     assert (tmp_path / "play.sqlite3").exists()
+
+
+def test_a_field_added_to_server_settings_is_an_option_and_reaches_the_server(monkeypatch):
+    from pydantic import Field
+
+    import rugpt.serve.settings
+
+    class WithKnob(rugpt.serve.settings.ServerSettings):
+        knob_count: int = Field(3, ge=1, description="a knob a test added")
+
+    monkeypatch.setattr(rugpt.serve.settings, "ServerSettings", WithKnob)
+    shown = runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "2000"}).output
+    assert "--knob-count" in shown and "a knob a test added [default: 3]" in shown
+    started = []
+    monkeypatch.setattr(rugpt.serve, "run_server", fake_run_server(started))
+    result = runner.invoke(app, ["serve", "--knob-count", "5", "--no-play"])
+    assert result.exit_code == 0, result.output
+    assert started[0].knob_count == 5
+    refused = runner.invoke(app, ["serve", "--knob-count", "0", "--no-play"])
+    assert refused.exit_code == 2 and refused.stderr.strip().splitlines() == [
+        "error: --knob-count: Input should be greater than or equal to 1"]
+
+
+def test_serve_checks_the_engine_and_log_level_against_their_choices(monkeypatch):
+    from rugpt.engines import EngineChoice
+
+    started = []
+    monkeypatch.setattr(rugpt.serve, "run_server", fake_run_server(started))
+    bad = runner.invoke(app, ["serve", "--engine", "warp"])
+    allowed = ", ".join(c.value for c in EngineChoice)
+    assert bad.exit_code == 2 and bad.stderr.strip().splitlines() == [
+        f"error: --engine='warp' is not allowed; use one of {allowed}"]
+    assert runner.invoke(app, ["serve", "--log-level", "loud"]).exit_code == 2 and not started
+    good = runner.invoke(app, ["serve", "--engine", "fast-int8", "--log-level", "debug", "--no-play"])
+    assert good.exit_code == 0, good.output
+    assert started[0].engine is EngineChoice.fast_int8 and started[0].log_level == "debug"
+    shown = runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "2000"}).output
+    assert "[choices: critical, error, warning, info, debug]" in shown and "pip install 'rugpt[cluster]'" in shown

@@ -251,7 +251,7 @@ def test_per_key_limit_cancel_and_metrics_span_the_replicas(two_replicas):
             cancelled = await cb.delete("/v1/requests/req-first-1", headers=one)  # b cancels a's request
             first_done = await asyncio.wait_for(first, 10)
             second.cancel()
-            page = (await cb.get("/metrics")).text
+            page = (await cb.get("/metrics", headers=one)).text  # behind the key, as on one server
             return refused, other_key, stranger, cancelled, first_done, page
 
     refused, other_key, stranger, cancelled, first_done, page = run(scenario(), timeout=60)

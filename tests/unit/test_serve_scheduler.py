@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from _serve_helpers import run, slow_engine
+from _serve_helpers import metric, run, slow_engine
 from rugpt.engines import create_engine
 from rugpt.errors import UsageError
 from rugpt.generation import GenerationSettings, Generator
@@ -252,3 +252,122 @@ def test_ragged_steps_ignore_garbage_in_never_written_cache_memory(tiny):
     short_row, _ = engine.prefill([5])
     logits = torch.stack([engine.step([long_row, short_row], [1, 2]) for _ in range(3)])
     assert not torch.isnan(logits).any()
+
+
+OPENING = ("Ты стоишь у входа в тёмную пещеру. Слева шумит река, справа поднимается узкая тропа в горы, "
+           "а за спиной догорает костёр.")
+# (preset, seed, n): greedy, and sampling with a seed, one row and two
+CONVERSATIONS = [("greedy", None, 1), ("balanced", 5, 2), ("creative", 9, 1)]
+
+
+def token_request(ids: list[int], preset: str, seed: int | None, n: int, max_new_tokens: int = 12) -> DecodeRequest:
+    settings = GenerationSettings.from_preset(preset, seed=seed, max_new_tokens=max_new_tokens, num_return_sequences=n)
+    return DecodeRequest([RowSpec(list(ids), None if seed is None else seed + r) for r in range(n)],
+                         settings.row_settings())
+
+
+async def play_two_turns(tiny, scheduler, together: bool) -> list[list[tuple[int, ...]]]:
+    """Three conversations of two turns; turn two's prompt is turn one's, its first reply and a new line."""
+    def encode(text):
+        return tiny.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    async def turn(prompts):
+        requests = [token_request(p, *c) for p, c in zip(prompts, CONVERSATIONS, strict=True)]
+        if together:
+            tickets = [scheduler.submit(r) for r in requests]
+            results = [await outcome(t) for t in tickets]
+        else:
+            results = [await outcome(scheduler.submit(r)) for r in requests]
+        assert all(fail is None for _, _, fail in results)
+        return [[f.token_ids for f in finished] for finished, _, _ in results]
+
+    openings = [encode(OPENING + line) for line in (" Ты идёшь к реке.", " Ты ждёшь.", " Ты зовёшь на помощь.")]
+    first = await turn(openings)
+    second = await turn([p + list(replies[0]) + encode("\n> Что дальше?")
+                         for p, replies in zip(openings, first, strict=True)])
+    return first + second
+
+
+def test_the_prefix_cache_and_chunked_prefill_change_no_token_batched_or_alone(tiny):
+    async def main(together, **options):
+        scheduler = make_scheduler(tiny, ban_eos=True, **options)
+        tokens = await play_two_turns(tiny, scheduler, together)
+        await scheduler.stop(1)
+        return tokens, scheduler.metrics.render().decode()
+
+    plain, _ = run(main(False))
+    cached, page = run(main(True, prefix_cache_bytes=10**8))
+    chunked, chunked_page = run(main(True, prefix_cache_bytes=10**8, prefill_chunk=8))
+    assert cached == plain and chunked == plain
+    assert metric(page, "rugpt_prefix_cache_hits_total") >= 3  # every second turn, and the n=2 request's twin
+    assert metric(page, "rugpt_prefix_cache_saved_tokens_total") >= 3 * 32
+    assert metric(page, "rugpt_prefix_cache_hit_rate") > 0 and metric(page, "rugpt_prefix_cache_bytes") > 0
+    assert metric(chunked_page, "rugpt_prefix_cache_hits_total") >= 3
+
+
+def test_running_rows_keep_stepping_while_a_long_prompt_arrives_in_chunks(tiny):
+    calls = []
+    long_prompt = tiny.tokenizer(OPENING * 3, add_special_tokens=False)["input_ids"][:90]
+    chunks = -(-len(long_prompt) // 8)
+
+    async def main():
+        scheduler = make_scheduler(tiny, max_batch=2, ban_eos=True, prefill_chunk=8)
+        engine = scheduler.engine
+        for name in ("prefill", "extend", "step"):
+            method = getattr(engine, name)
+            setattr(engine, name, lambda *a, _m=method, _n=name, **k: (calls.append(_n), _m(*a, **k))[1])
+        running = scheduler.submit(request_for(tiny, PROMPTS[0], max_new_tokens=60))
+        assert isinstance(await running.next_event(5), Started)
+        while "step" not in calls:
+            await asyncio.sleep(0.01)
+        arriving = scheduler.submit(token_request(long_prompt, "greedy", None, 1, max_new_tokens=3))
+        results = [await outcome(running), await outcome(arriving)]
+        await scheduler.stop(1)
+        return results
+
+    results = run(main())
+    assert all(fail is None for _, _, fail in results)
+    assert len(long_prompt) == 90
+    arrival = calls[calls.index("prefill", 1):]  # from the long prompt's first chunk, a prefill
+    last_chunk = len(arrival) - 1 - arrival[::-1].index("extend")
+    assert arrival[1 : last_chunk + 1].count("extend") == chunks - 1
+    assert arrival[: last_chunk + 1].count("step") >= chunks - 1  # a decode step between every two chunks
+
+
+def test_waiting_requests_start_by_priority_then_arrival(tiny):
+    async def main():
+        scheduler = make_scheduler(tiny, max_batch=1, step_delay=0.01, ban_eos=True)
+        busy = scheduler.submit(request_for(tiny, PROMPTS[0], max_new_tokens=20))
+        tickets = {name: scheduler.submit(request_for(tiny, PROMPTS[1], max_new_tokens=2), priority=priority)
+                   for name, priority in [("late-5", 5), ("first-0", 0), ("later-5", 5), ("second-0", 0)]}
+        places = {name: ticket.position_at_submit for name, ticket in tickets.items()}
+        order = []
+
+        async def finish(name, ticket):
+            await outcome(ticket)
+            order.append(name)
+
+        await asyncio.gather(outcome(busy), *(finish(n, t) for n, t in tickets.items()))
+        await scheduler.stop(1)
+        return places, order
+
+    places, order = run(main())
+    assert order == ["first-0", "second-0", "late-5", "later-5"]
+    assert places == {"late-5": 1, "first-0": 1, "later-5": 3, "second-0": 2}  # places when each arrived
+
+
+def test_priority_composes_with_the_per_key_limit(tiny):
+    async def main():
+        scheduler = make_scheduler(tiny, max_batch=1, step_delay=0.01, ban_eos=True, max_inflight_per_key=1)
+        busy = scheduler.submit(request_for(tiny, PROMPTS[0], max_new_tokens=20), key="c")
+        mine = scheduler.submit(request_for(tiny, PROMPTS[1], max_new_tokens=2), key="a", priority=3)
+        with pytest.raises(Busy) as refused:  # a key at its limit stays there, however urgent its request
+            scheduler.submit(request_for(tiny, PROMPTS[2], max_new_tokens=2), key="a", priority=-10)
+        other = scheduler.submit(request_for(tiny, PROMPTS[2], max_new_tokens=2), key="b", priority=0)
+        assert other.queue_position()[0] == 1 and mine.queue_position()[0] == 2  # b's urgent request goes first
+        for ticket in (busy, other, mine):
+            await outcome(ticket)
+        await scheduler.stop(1)
+        return refused.value
+
+    assert run(main()).reason == "per_key_limit"

@@ -1,8 +1,11 @@
-"""The Typer app and what every command shares: one-line errors with exit code 2, text readers, option types."""
+"""The Typer app and what every command shares: one-line errors with exit code 2, text readers, option types.
+
+Options that are settings come from the settings classes (cli/options.py); only a command's own inputs
+(texts, files, output format) are declared in its signature.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import sys
@@ -11,7 +14,9 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
+from rugpt.cli.options import lazy_command
 from rugpt.errors import RugptError, UsageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Russian GPT models (ruGPT-3 family) at work.")
@@ -20,21 +25,33 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def command(func):
-    """Register a command whose user errors print as one line on stderr and exit with code 2."""
+    """Register a command whose user errors print as one line on stderr and exit with code 2.
+
+    Its parameters are built when the command is first used (cli/options.py): a parameter annotated
+    `Annotated[dict, FromSettings(...)]` becomes one option per field of that settings class.
+    """
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
         except RugptError as exc:
-            err.print(f"[red]error:[/red] {exc}", markup=True)
+            print_error(str(exc))
             raise typer.Exit(2) from None
 
-    return app.command(name=func.__name__.replace("_", "-"))(wrapper)
+    lazy_command(app, wrapper, func.__name__.replace("_", "-"))
+    return wrapper
+
+
+def print_error(message: str) -> None:
+    """One line on stderr; the message is text, never Rich markup (an install hint like [cluster] stays)."""
+    err.print(f"[red]error:[/red] {escape(message)}", markup=True)
 
 
 def setting_help(settings_cls, name: str) -> str:
-    """A setting's help text, written once where the setting is defined."""
+    """A setting's help text, written once where the setting is defined (for an option that is not generated)."""
+    import dataclasses
+
     return next(f.metadata.get("help", "") for f in dataclasses.fields(settings_cls) if f.name == name)
 
 
@@ -62,24 +79,6 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log wh
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="alias, hub id or folder (default: bundled)")]
 
 
-def set_only(**values) -> dict:
-    """The options a user gave: None means 'use the default defined in the settings class'."""
-    return {k: v for k, v in values.items() if v is not None}
-
-
 def unescape(text: str | None) -> str | None:
     """Shells pass \\n and \\t literally; templates and personas need real newlines and tabs."""
     return None if text is None else text.replace("\\n", "\n").replace("\\t", "\t")
-
-
-def settings_from_cli(preset, **fields):
-    from rugpt.generation import GenerationSettings
-
-    fields["stop"] = tuple(fields["stop"]) if fields.get("stop") else None
-    return GenerationSettings.from_preset(preset, **fields)
-
-
-def gen_help(name: str) -> str:
-    from rugpt.generation import GenerationSettings
-
-    return setting_help(GenerationSettings, name)

@@ -11,31 +11,24 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from rugpt.cli.app import ModelOpt, command, err, gen_help, out, set_only, setting_help, settings_from_cli, unescape
+from rugpt.cli.app import ModelOpt, command, err, out, setting_help, unescape
+from rugpt.cli.options import FromSettings, Opt, choice_option
 from rugpt.errors import UsageError
 
-
-def _rec_help(name: str) -> str:
-    from rugpt.apps.recommender import RecommenderSettings
-
-    return setting_help(RecommenderSettings, name)
+RECOMMENDER = FromSettings("rugpt.apps.recommender:RecommenderSettings",
+                           opts={"seed_template": Opt(help="; \\n stands for a newline", convert=unescape)})
+CHAT = FromSettings("rugpt.apps.chat:ChatSettings", exclude=("seed_dialogue", "generation"),
+                    opts={"persona": Opt(help="; \\n stands for a newline", convert=unescape)})
+CHAT_DECODING = FromSettings("rugpt.generation:GenerationSettings", only=("max_new_tokens", "temperature", "seed"))
 
 
 @command
 def recommend(
     liked: Annotated[Optional[list[str]], typer.Argument(help="items the user liked")] = None,
     model: ModelOpt = None,
-    domain: Annotated[Optional[str], typer.Option(help=_rec_help("domain"))] = None,
     catalogue: Annotated[Optional[str], typer.Option(help="keep only items of this CSV catalogue (title, year); "
                                                      "'films_ru' is the shipped one")] = None,
-    samples: Annotated[Optional[int], typer.Option(help=_rec_help("samples"))] = None,
-    top: Annotated[Optional[int], typer.Option(help=_rec_help("top"))] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(help=_rec_help("max_new_tokens"))] = None,
-    temperature: Annotated[Optional[float], typer.Option(help=_rec_help("temperature"))] = None,
-    top_p: Annotated[Optional[float], typer.Option(help=_rec_help("top_p"))] = None,
-    seed: Annotated[Optional[int], typer.Option(help=_rec_help("seed"))] = None,
-    quotes: Annotated[Optional[str], typer.Option(help=_rec_help("quotes"))] = None,
-    min_similarity: Annotated[Optional[float], typer.Option(help=_rec_help("min_similarity"))] = None,
+    given: Annotated[dict, RECOMMENDER] = None,
     eval_file: Annotated[Optional[Path], typer.Option("--eval", help='users JSONL ({"liked": [...]} per line): '
                                                       "report hit-rate@top and catalogue coverage")] = None,
     hide: Annotated[Optional[int], typer.Option(help="with --eval: how many of each user's last items to hide "
@@ -46,12 +39,10 @@ def recommend(
     """Recommend by seed programming: list what a user liked, sample continuations, count the titles."""
     from rugpt.apps.recommender import Catalogue, Recommender, RecommenderSettings, read_users
 
-    settings = RecommenderSettings(**set_only(
-        domain=domain, samples=samples, top=top, max_new_tokens=max_new_tokens, temperature=temperature,
-        top_p=top_p, seed=seed, quotes=quotes, min_similarity=min_similarity))
+    settings = RecommenderSettings(**given)
     recommender = Recommender(model, Catalogue.load(catalogue) if catalogue else None)
     if eval_file is not None:
-        report = recommender.evaluate(read_users(eval_file), settings, **set_only(hide=hide))
+        report = recommender.evaluate(read_users(eval_file), settings, **({} if hide is None else {"hide": hide}))
         if as_json:
             print(json.dumps(report.to_dict(), ensure_ascii=False))
             return
@@ -74,32 +65,25 @@ def recommend(
         out.print(sample, markup=False)
 
 
-def _chat_help(name: str) -> str:
-    from rugpt.apps.chat import ChatSettings
-
-    return setting_help(ChatSettings, name)
-
-
 @command
 def chat(
     model: ModelOpt = None,
     once: Annotated[Optional[str], typer.Option(help="send this one message, print the reply and exit")] = None,
-    persona: Annotated[Optional[str], typer.Option(help=_chat_help("persona"))] = None,
+    given: Annotated[dict, CHAT] = None,
     seed_dialogue: Annotated[Optional[Path], typer.Option(help="a file of opening turns, each line starting with "
                                                           "'Пользователь:' or 'Ассистент:'")] = None,
-    chat_template: Annotated[Optional[str], typer.Option(help=_chat_help("chat_template"))] = None,
-    preset: Annotated[Optional[str], typer.Option(help="precise | greedy | balanced | creative")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(help=gen_help("max_new_tokens"))] = None,
-    temperature: Annotated[Optional[float], typer.Option(help=gen_help("temperature"))] = None,
-    seed: Annotated[Optional[int], typer.Option(help=gen_help("seed"))] = None,
+    preset: Annotated[Optional[str], choice_option(
+        "rugpt.generation:Preset", "--preset", help="named decoding settings to start from", default="balanced")
+    ] = None,
+    decoding: Annotated[dict, CHAT_DECODING] = None,
     as_json: Annotated[bool, typer.Option("--json", help="with --once: print the reply as JSON")] = False,
 ) -> None:
     """Talk to a model in the terminal; /reset starts over, /exit or Ctrl-D leaves."""
     from rugpt.apps.chat import Chat, ChatSettings, read_dialogue
     from rugpt.chat_format import ASSISTANT_LABEL, USER_LABEL
+    from rugpt.generation import GenerationSettings
 
-    generation = settings_from_cli(preset, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-    settings = ChatSettings(generation=generation, chat_template=chat_template, **set_only(persona=unescape(persona)))
+    settings = ChatSettings(generation=GenerationSettings.from_preset(preset, **decoding), **given)
     if seed_dialogue is not None:
         settings = dataclasses.replace(settings, seed_dialogue=read_dialogue(seed_dialogue))
     session = Chat(model, settings)

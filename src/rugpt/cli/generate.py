@@ -9,7 +9,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from rugpt.cli.app import ModelOpt, command, gen_help, out, read_text_arg, settings_from_cli
+from rugpt.cli.app import ModelOpt, command, out, read_text_arg
+from rugpt.cli.options import FromSettings, Opt, choice_option
+from rugpt.engines import EngineChoice, describe_engines
+
+GENERATION = FromSettings("rugpt.generation:GenerationSettings", opts={
+    "do_sample": Opt("--sample/--no-sample"), "num_return_sequences": Opt("--n")})
+
+
+PRESET_HELP = "named settings to start from (precise is beam search); the options below override them one by one"
 
 
 @command
@@ -17,33 +25,20 @@ def generate(
     prompt: Annotated[Optional[str], typer.Argument(help="text to continue ('-' for stdin)")] = None,
     file: Annotated[Optional[Path], typer.Option("--file", "-f", help="read the prompt from this file")] = None,
     model: ModelOpt = None,
-    preset: Annotated[Optional[str], typer.Option(help="precise | greedy | balanced | creative")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(help=gen_help("max_new_tokens"))] = None,
-    do_sample: Annotated[Optional[bool], typer.Option("--sample/--no-sample", help=gen_help("do_sample"))] = None,
-    temperature: Annotated[Optional[float], typer.Option(help=gen_help("temperature"))] = None,
-    top_k: Annotated[Optional[int], typer.Option(help=gen_help("top_k"))] = None,
-    top_p: Annotated[Optional[float], typer.Option(help=gen_help("top_p"))] = None,
-    repetition_penalty: Annotated[Optional[float], typer.Option(help=gen_help("repetition_penalty"))] = None,
-    no_repeat_ngram_size: Annotated[Optional[int], typer.Option(help=gen_help("no_repeat_ngram_size"))] = None,
-    num_beams: Annotated[Optional[int], typer.Option(help=gen_help("num_beams"))] = None,
-    num_return_sequences: Annotated[Optional[int], typer.Option("--n", help=gen_help("num_return_sequences"))] = None,
-    seed: Annotated[Optional[int], typer.Option(help=gen_help("seed"))] = None,
-    stop: Annotated[Optional[list[str]], typer.Option(help=gen_help("stop") + " (repeatable)")] = None,
+    preset: Annotated[Optional[str], choice_option(
+        "rugpt.generation:Preset", "--preset", help=PRESET_HELP, default="balanced")] = None,
+    given: Annotated[dict, GENERATION] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object (no streaming)")] = False,
     stream: Annotated[bool, typer.Option(help="print tokens as they are produced")] = True,
     prompt_tuned: Annotated[Optional[str], typer.Option(
         help="trained prompt (folder or hub id) to apply; a format with several fields takes the text as JSON")] = None,
-    engine: Annotated[str, typer.Option(
-        help="auto | transformers | fast | fast-bf16 | fast-fp16 | fast-int8 | llamacpp-f32/-f16/-q8")] = "auto",
+    engine: Annotated[str, choice_option(
+        EngineChoice, "--engine", help="decode engine — " + describe_engines(), default="auto")] = "auto",
 ) -> None:
     """Continue a Russian text with the bundled model or any GPT-2-architecture checkpoint."""
-    from rugpt.generation import Generator
+    from rugpt.generation import GenerationSettings, Generator
 
-    settings = settings_from_cli(
-        preset, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-        top_p=top_p, repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-        num_beams=num_beams, num_return_sequences=num_return_sequences, seed=seed, stop=stop,
-    )
+    settings = GenerationSettings.from_preset(preset, **given)
     text = read_text_arg(prompt, file)
     tuned = None
     if prompt_tuned is not None:

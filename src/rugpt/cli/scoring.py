@@ -11,7 +11,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from rugpt.cli.app import ModelOpt, command, out, read_text_arg, set_only, setting_help, unescape
+from rugpt.cli.app import ModelOpt, command, out, read_text_arg, unescape
+from rugpt.cli.options import FromSettings, Opt
 from rugpt.errors import UsageError
 
 
@@ -34,10 +35,11 @@ def _read_texts(texts: list[str] | None, file: Path | None, jsonl: Path | None, 
     return [line for line in raw.splitlines() if line.strip()] if lines else [raw]
 
 
-def _score_help(name: str) -> str:
-    from rugpt.scoring import ScoreSettings
-
-    return setting_help(ScoreSettings, name)
+SCORE = FromSettings("rugpt.scoring:ScoreSettings", opts={
+    "prepend_bos": Opt("--bos/--no-bos"), "token_details": Opt("--tokens/--no-tokens")})
+CLASSIFIER = FromSettings("rugpt.classification:ClassifierSettings", exclude=("templates", "examples"), opts={
+    "template": Opt("--template", "-t", help="; \\n stands for a newline", convert=unescape),
+    "labels": Opt("--label", "-l"), "separator": Opt(help="; \\n stands for a newline", convert=unescape)})
 
 
 TextsArg = Annotated[Optional[list[str]], typer.Argument(help="texts ('-' or none: read stdin)")]
@@ -58,19 +60,13 @@ FieldOpt = Annotated[str, typer.Option("--field", help="the JSONL field that hol
 @command
 def score(
     texts: TextsArg = None, file: FileOpt = None, lines: LinesOpt = False, jsonl: JsonlOpt = None,
-    text_field: FieldOpt = "text", model: ModelOpt = None,
-    batch_size: Annotated[Optional[int], typer.Option(help=_score_help("batch_size"))] = None,
-    window: Annotated[Optional[int], typer.Option(help=_score_help("window"))] = None,
-    stride: Annotated[Optional[int], typer.Option(help=_score_help("stride"))] = None,
-    bos: Annotated[Optional[bool], typer.Option("--bos/--no-bos", help=_score_help("prepend_bos"))] = None,
-    tokens: Annotated[bool, typer.Option("--tokens", help="show each token's log-prob")] = False,
+    text_field: FieldOpt = "text", model: ModelOpt = None, given: Annotated[dict, SCORE] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Log-likelihood, mean token loss and perplexity of texts; long texts are scored with a sliding window."""
     from rugpt.scoring import Scorer, ScoreSettings
 
-    settings = ScoreSettings(token_details=tokens, **set_only(
-        batch_size=batch_size, window=window, stride=stride, prepend_bos=bos))
+    settings = ScoreSettings(**given)
     inputs = _read_texts(texts, file, jsonl, text_field, lines)  # bad input fails before the model loads
     results = Scorer(model).score(inputs, settings)
     if as_json:
@@ -89,28 +85,17 @@ def score(
             out.print(per_token)
 
 
-def _classifier_help(name: str) -> str:
-    from rugpt.classification import ClassifierSettings
-
-    return setting_help(ClassifierSettings, name)
-
-
 @command
 def classify(
     texts: TextsArg = None, file: FileOpt = None, lines: LinesOpt = False, jsonl: JsonlOpt = None,
     text_field: FieldOpt = "text", model: ModelOpt = None,
-    template: Annotated[Optional[str], typer.Option("--template", "-t", help=_classifier_help("template")
-                                                   + "; \\n stands for a newline")] = None,
-    label: Annotated[Optional[list[str]], typer.Option("--label", "-l", help="a label (repeatable)")] = None,
+    given: Annotated[dict, CLASSIFIER] = None,
     label_template: Annotated[Optional[list[str]], typer.Option(
         help="LABEL=TEMPLATE, one per label (repeatable), instead of --template and --label")] = None,
-    normalize: Annotated[Optional[str], typer.Option(help=_classifier_help("normalize"))] = None,
-    calibrate: Annotated[Optional[str], typer.Option(help=_classifier_help("calibrate"))] = None,
     examples: Annotated[Optional[Path], typer.Option(help="few-shot examples: JSONL with text and label")] = None,
     eval_file: Annotated[Optional[Path], typer.Option("--eval", help="JSONL with text and gold label: print "
                                                       "accuracy, per-label precision/recall, confusion matrix")] = None,
     label_field: Annotated[str, typer.Option(help="the JSONL field that holds the label")] = "label",
-    batch_size: Annotated[Optional[int], typer.Option(help=_classifier_help("batch_size"))] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Zero/few-shot classification: the label whose text the model finds likeliest wins."""
@@ -122,8 +107,7 @@ def classify(
         if not sep or not name.strip():
             raise UsageError(f"--label-template {item!r} must look like LABEL=TEMPLATE")
         templates[name.strip()] = unescape(text)
-    settings = ClassifierSettings(labels=tuple(label or ()), templates=templates, **set_only(
-        template=unescape(template), normalize=normalize, calibrate=calibrate, batch_size=batch_size))
+    settings = ClassifierSettings(templates=templates, **given)
     if examples is not None:
         shots = read_labeled(examples, settings.label_names, text_field, label_field)
         settings = dataclasses.replace(settings, examples=tuple(shots))

@@ -1,30 +1,62 @@
-"""Decode engines behind one interface (`DecodeEngine`): the transformers reference, the fast path, llama.cpp."""
+"""Decode engines behind one interface (`DecodeEngine`): the transformers reference, the fast path, llama.cpp.
+
+`EngineChoice` is the one list of engine names, each with its description: `rugpt generate --engine`,
+`rugpt serve --engine`, `ServerSettings.engine` and `Generator(engine=...)` all take their names and help
+from it. Importing this module imports no torch (the engines themselves load on use).
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
 from enum import Enum
+from typing import TYPE_CHECKING
 
-from rugpt.engines.base import DecodeEngine
 from rugpt.errors import UsageError
+
+if TYPE_CHECKING:
+    from rugpt.engines.base import DecodeEngine
 
 log = logging.getLogger(__name__)
 
 
 class EngineChoice(str, Enum):
-    """Which engine decodes: `auto` takes the fastest one that runs the model exactly."""
+    """Which engine decodes: `auto` takes the fastest one that runs the model exactly.
 
-    auto = "auto"
-    transformers = "transformers"
-    fast = "fast"  # the loaded model's own weights, shared: the same answers as transformers
+    A member is `name = "value", "description"`; the description is the engine's help text everywhere.
+    """
+
+    description: str
+
+    def __new__(cls, value: str, description: str = ""):
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.description = description
+        return member
+
+    auto = "auto", "fast where it runs the model, else transformers; a GGUF file runs on llama.cpp"
+    transformers = "transformers", "transformers' own forward pass (the reference)"
+    fast = "fast", "rugpt's compiled decode step over the loaded fp32 weights, shared: transformers' answers"
     # weights converted once at start; fp16 (fbgemm) reads fastest of the 16-bit formats on an x86 CPU
-    fast_bf16 = "fast-bf16"
-    fast_fp16 = "fast-fp16"
-    fast_int8 = "fast-int8"
+    fast_bf16 = "fast-bf16", "the fast step with weights converted to bf16 once at start"
+    fast_fp16 = "fast-fp16", "the fast step with weights converted to fp16 once at start"
+    fast_int8 = "fast-int8", "the fast step with weights quantized to int8 once at start"
+    fast_q4 = "fast-q4", "the fast step with weights quantized to 4 bits (blocks of 64, scale and minimum) at start"
     # llama.cpp over the checkpoint converted to GGUF (optional extra `rugpt[llamacpp]`); no trained prompts
-    llamacpp_f32 = "llamacpp-f32"
-    llamacpp_f16 = "llamacpp-f16"
-    llamacpp_q8 = "llamacpp-q8"
+    llamacpp_f32 = "llamacpp-f32", "llama.cpp over the model converted to GGUF f32 (extra rugpt[llamacpp])"
+    llamacpp_f16 = "llamacpp-f16", "llama.cpp over GGUF f16"
+    llamacpp_q8 = "llamacpp-q8", "llama.cpp over GGUF q8_0"
+
+
+def describe_engines() -> str:
+    """Every engine name with its description, for help texts."""
+    return "; ".join(f"{c.value}: {c.description}" if c.description else c.value for c in EngineChoice)
+
+
+def __getattr__(name: str):
+    if name == "DecodeEngine":  # imported on first use: it needs torch, the list of names above does not
+        return importlib.import_module("rugpt.engines.base").DecodeEngine
+    raise AttributeError(f"module 'rugpt.engines' has no attribute {name!r}")
 
 
 LLAMACPP_TYPES = {EngineChoice.llamacpp_f32: "f32", EngineChoice.llamacpp_f16: "f16", EngineChoice.llamacpp_q8: "q8_0"}
@@ -89,7 +121,7 @@ def _build_engine(loaded, choice: EngineChoice, max_rows: int) -> DecodeEngine:
             return TransformersEngine(model, context, max_rows)
         return FastEngine(model, context, max_rows, "fp32")
     weights = {EngineChoice.fast: "fp32", EngineChoice.fast_bf16: "bf16", EngineChoice.fast_fp16: "fp16",
-               EngineChoice.fast_int8: "int8"}[choice]
+               EngineChoice.fast_int8: "int8", EngineChoice.fast_q4: "q4"}[choice]
     return FastEngine(model, context, max_rows, weights)
 
 
@@ -112,4 +144,5 @@ def _gguf_engine(loaded, choice: EngineChoice, max_rows: int) -> DecodeEngine | 
     return create_gguf_engine(loaded, LLAMACPP_TYPES.get(choice), max_rows)
 
 
-__all__ = ["DecodeEngine", "EngineChoice", "create_engine", "embeddings_patched", "parse_engine", "prompt_patched"]
+__all__ = ["DecodeEngine", "EngineChoice", "create_engine", "describe_engines", "embeddings_patched", "parse_engine",
+           "prompt_patched"]

@@ -24,6 +24,7 @@ from rugpt.engines.base import DecodeEngine
 from rugpt.engines.linear import BlockWeights, PackedLinear, pack_linear
 from rugpt.engines.memory import release_file_pages
 from rugpt.engines.native import TILE_COLUMNS, Kernel, NativeStep, int8_tiled, step_kernel
+from rugpt.engines.q4 import pack_q4, q4_head_format
 from rugpt.errors import UsageError
 
 
@@ -32,6 +33,7 @@ class WeightFormat(str, Enum):
     bf16 = "bf16"
     fp16 = "fp16"
     int8 = "int8"
+    q4 = "q4"  # blocks of 64 weights with a scale and a minimum (engines/q4.py)
 
 
 _ACTIVATIONS = {
@@ -62,6 +64,8 @@ def _pack(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, kernel: Ker
     products too (engines/native.py), so there is no second, fbgemm copy."""
     if kernel is not None and fmt == WeightFormat.int8.value:
         return int8_tiled(kernel, weight, bias)
+    if fmt == WeightFormat.q4.value:
+        return pack_q4(weight, bias, kernel)
     return pack_linear(weight, bias, fmt)
 
 
@@ -88,6 +92,7 @@ def _pack_conv1d(conv, fmt: str, kernel: Kernel | None) -> PackedLinear:
 class FastEngine(DecodeEngine):
     name = "fast"
     accepts_embeds = True
+    shares_kv = True
 
     def __init__(self, model, context_length: int, max_rows: int = 16, weights: WeightFormat | str = "fp32"):
         reason = unsupported_reason(model)
@@ -118,7 +123,7 @@ class FastEngine(DecodeEngine):
             )
             for block in transformer.h
         ]
-        self.lm_head = _pack(self.wte, None, fmt, kernel)
+        self.lm_head = _pack(self.wte, None, q4_head_format(model, kernel) if fmt == "q4" else fmt, kernel)
         if self.weights != WeightFormat.fp32:
             release_file_pages(self.wte)  # token lookups read back only the rows they need
         shape = (max_rows, self.n_head, context_length, self.head_dim)
@@ -147,20 +152,62 @@ class FastEngine(DecodeEngine):
 
     @torch.inference_mode()
     def _prefill(self, row: int, token_ids: list[int], embeds: torch.Tensor | None) -> torch.Tensor:
-        slot = len(self.slot_of)
+        slot = self._take_slot(row)
+        x = embeds.to(self.wte) if embeds is not None else self._embed(token_ids)
+        return self._logits(self._forward(slot, 0, x)[-1:])[0]
+
+    @torch.inference_mode()
+    def _extend(self, row: int, token_ids: list[int], all_logits: bool) -> torch.Tensor:
+        h = self._forward(self.slot_of[row], self.lengths[row], self._embed(token_ids))
+        return self._logits(h) if all_logits else self._logits(h[-1:])[0]
+
+    def _truncate(self, row: int, length: int) -> None:
+        pass  # positions past the row's length are never read, and the next tokens overwrite them
+
+    @torch.inference_mode()
+    def _export_kv(self, row: int, start: int, end: int) -> torch.Tensor:
+        slot = self.slot_of[row]
+        return torch.stack([torch.stack((k[slot, :, start:end], v[slot, :, start:end]))
+                            for k, v in zip(self.k_cache, self.v_cache, strict=True)])
+
+    @torch.inference_mode()
+    def _open_row(self, row: int, kv: torch.Tensor) -> None:
+        slot = self._take_slot(row)
+        tokens = kv.shape[3]
+        for (keys, values), k_cache, v_cache in zip(kv, self.k_cache, self.v_cache, strict=True):
+            k_cache[slot, :, :tokens] = keys
+            v_cache[slot, :, :tokens] = values
+        self.written[slot] = max(self.written[slot], tokens)
+
+    def _take_slot(self, row: int) -> int:
+        slot = len(self.slot_of)  # rows are packed: the next free slot is the count of rows
         self.slot_of[row] = slot
-        n = len(token_ids)
-        self.written[slot] = max(self.written[slot], n)
-        positions = torch.arange(n, device=self.wte.device)
-        x = embeds.to(self.wte) if embeds is not None else self.wte[torch.tensor(token_ids, device=self.wte.device)]
+        return slot
+
+    def _embed(self, token_ids: list[int]) -> torch.Tensor:
+        return self.wte[torch.tensor(token_ids, device=self.wte.device)]
+
+    def _forward(self, slot: int, start: int, x: torch.Tensor) -> torch.Tensor:
+        """Run input embeddings x [T, d] at positions start..start+T of `slot`, writing their keys and values into
+        its cache after the `start` positions it holds; returns the last layer's hidden states [T, d]."""
+        end = start + x.shape[0]
+        self.written[slot] = max(self.written[slot], end)
+        positions = torch.arange(start, end, device=self.wte.device)
         h = (x + self.wpe[positions]).unsqueeze(0)  # [1, T, d]
+        # After cached positions the causal mask is offset: query t sees keys 0..start+t (is_causal would align
+        # it to the top left, as if the queries began at position 0).
+        mask = None if start == 0 else torch.arange(end, device=h.device)[None, :] <= positions[:, None]
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, h)  # each [1, H, T, hd]
-            self.k_cache[i][slot, :, :n] = k[0]
-            self.v_cache[i][slot, :, :n] = v[0]
-            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            self.k_cache[i][slot, :, start:end] = k[0]
+            self.v_cache[i][slot, :, start:end] = v[0]
+            if mask is None:
+                attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:
+                keys, values = self.k_cache[i][slot : slot + 1, :, :end], self.v_cache[i][slot : slot + 1, :, :end]
+                attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
             h = self._mlp(layer, h, attn)
-        return self._logits(h[:, -1])[0]
+        return h[0]
 
     @torch.inference_mode()
     def _step(self, rows: list[int], token_ids: list[int]) -> torch.Tensor:

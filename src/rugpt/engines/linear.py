@@ -1,4 +1,4 @@
-"""Linear layers of the fast engine in four weight formats: fp32 (shared), bf16, fp16, int8 (per-channel).
+"""Linear layers of the fast engine in five weight formats: fp32 (shared), bf16, fp16, int8 (per-channel), q4.
 
 A decode step at small batch is bound by reading weights, so each format uses the CPU kernel that
 reads its bytes fastest (measured by benchmarks/linear_kernels.py on the ruGPT-3 small shapes,
@@ -8,7 +8,8 @@ fbgemm's prepacked dynamic linear, with fp32 activations in and out. Where those
 (a GPU, a non-x86 CPU) fp32/bf16/fp16 run on F.linear and int8 on aten's weight-only int8 matmul.
 
 When rugpt's compiled decode step (engines/native.py) does the steps, it reads fp32 and bf16 `.weight`
-itself, and packs int8 weights its own way (engines/native.py: int8_tiled).
+itself, and packs int8 weights its own way (engines/native.py: int8_tiled). 4-bit blocks (q4) live in
+engines/q4.py: the compiled kernel's products, or a dequantizing fallback without it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 from rugpt.errors import UsageError
 
-FORMATS = ("fp32", "bf16", "fp16", "int8")
+FORMATS = ("fp32", "bf16", "fp16", "int8", "q4")
 
 
 @dataclass
@@ -64,6 +65,10 @@ def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str) -> Pa
     if fmt not in FORMATS:
         raise UsageError(f"weight format {fmt!r} is unknown; use one of {', '.join(FORMATS)}")
     on_cpu = weight.device.type == "cpu"
+    if fmt == "q4":  # 4-bit blocks (engines/q4.py); without the compiled kernel, dequantized on every call
+        from rugpt.engines.q4 import pack_q4
+
+        return pack_q4(weight, bias)
     if fmt in ("fp32", "bf16"):
         dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
         w, b = weight.to(dtype).contiguous(), _cast(bias, dtype)
@@ -101,11 +106,20 @@ def _onednn(weight: torch.Tensor, bias: torch.Tensor | None) -> PackedLinear:
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel int8: weight [out, in] ≈ q * scale[:, None]."""
-    weight = weight.float()
-    scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-    q = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return q.contiguous(), scale
+    """Symmetric per-output-channel int8: weight [out, in] ≈ q * scale[:, None].
+
+    Rows go a slice at a time, so the float temporaries stay small next to the weight (a 13B model's
+    head, 50272 x 5120, would otherwise need three 1 GB fp32 copies on the way)."""
+    out, n_in = weight.shape
+    q = torch.empty(out, n_in, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(out, device=weight.device)
+    step = max(1, (1 << 22) // max(1, n_in))
+    for first in range(0, out, step):
+        rows = weight[first:first + step].float()
+        part = rows.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+        q[first:first + step] = torch.round(rows / part[:, None]).clamp(-127, 127)
+        scale[first:first + step] = part
+    return q, scale
 
 
 def _fp16_fbgemm(weight: torch.Tensor, bias: torch.Tensor | None) -> PackedLinear:

@@ -121,6 +121,14 @@ class LlamaCppEngine(DecodeEngine):
         entries = [(self._seq_of[row], [token], self.lengths[row]) for row, token in zip(rows, token_ids, strict=True)]
         return self._decode(entries)
 
+    def _extend(self, row: int, token_ids: list[int], all_logits: bool) -> torch.Tensor:
+        logits = self._decode([(self._seq_of[row], token_ids, self.lengths[row])], all_logits)
+        return logits if all_logits else logits[0]
+
+    def _truncate(self, row: int, length: int) -> None:
+        if not self._lib.llama_memory_seq_rm(self._memory, self._seq_of[row], length, -1):
+            raise UsageError(f"engine {self.name!r} could not drop the tokens of row {row} after {length}")
+
     def _release(self, row: int) -> None:
         self._release_seq(row)
 
@@ -129,8 +137,9 @@ class LlamaCppEngine(DecodeEngine):
         self._lib.llama_memory_seq_rm(self._memory, seq, -1, -1)
         self._free_seqs.append(seq)
 
-    def _decode(self, entries: list[tuple[int, list[int], int]]) -> torch.Tensor:
-        """Run (sequence, tokens, first position) entries in one batch; logits of each entry's last token."""
+    def _decode(self, entries: list[tuple[int, list[int], int]], all_logits: bool = False) -> torch.Tensor:
+        """Run (sequence, tokens, first position) entries in one batch; logits of each entry's last token, or
+        of every token when `all_logits`."""
         batch = self._batch
         i = 0
         for seq, tokens, start in entries:
@@ -139,14 +148,15 @@ class LlamaCppEngine(DecodeEngine):
                 batch.pos[i] = start + offset
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = seq
-                batch.logits[i] = offset == len(tokens) - 1
+                batch.logits[i] = all_logits or offset == len(tokens) - 1
                 i += 1
         batch.n_tokens = i
         status = self._lib.llama_decode(self._ctx, batch)
         if status != 0:
             raise RuntimeError(f"llama_decode failed with status {status} on a batch of {i} tokens")
         pointer = self._lib.llama_get_logits(self._ctx)
-        logits = np.ctypeslib.as_array(pointer, shape=(len(entries), self.vocab_size))
+        outputs = i if all_logits else len(entries)  # llama.cpp returns logits of the marked tokens, in order
+        logits = np.ctypeslib.as_array(pointer, shape=(outputs, self.vocab_size))
         return torch.from_numpy(logits.copy())
 
 

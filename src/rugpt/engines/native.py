@@ -5,6 +5,9 @@ Why compile here rather than ship a binary: `-march=native` gives the widest vec
 lands in `<cache>/native/<key>/` (key: source, compiler, flags, CPU), written through a temp folder,
 and is reused afterwards. Each process checks it against transformers on a tiny model before using it.
 
+The same library holds the 8- and 4-bit products that the fast engine's prefills call (rugpt_linear,
+blocked over tokens), the q4 quantizer (q4.py) and a measured compute-peak loop for the benchmarks.
+
 Without a C compiler with OpenMP (or with RUGPT_NATIVE=0) the fast engine steps with torch ops, and
 the log says once why.
 """
@@ -28,12 +31,15 @@ import torch
 from rugpt.atomic import atomic_write_dir
 from rugpt.cache import cache_dir
 from rugpt.engines.linear import BlockWeights, PackedLinear, pack_linear, quantize_int8
+from rugpt.engines.q4 import BLOCK as Q4_BLOCK
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("native_step.c")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-Wno-psabi"]
-WEIGHT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # native_step.c's enum
+# native_step.c's weight types: int8 arrives in int8_tiled's tiles, q4 (uint8) in q4.tile_q4's
+WEIGHT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2, torch.uint8: 3}
 _P = ctypes.POINTER(ctypes.c_float)
+_INTS = ctypes.POINTER(ctypes.c_int)
 
 
 class NativeUnavailable(RuntimeError):
@@ -43,74 +49,85 @@ class NativeUnavailable(RuntimeError):
 @dataclass(frozen=True)
 class Kernel:
     step: Callable  # rugpt_step: one decode step of up to max_rows rows
-    linear: Callable  # rugpt_linear: one product, for int8 prefills
-    # the weight formats it reads: int8 only where the CPU has VNNI; fp16 never (fbgemm's fp16 kernel reads it
-    # faster than widening it here did: 8.8 vs 12-13 ms a step at batch 1)
+    linear: Callable  # rugpt_linear: one product, for 8- and 4-bit prefills
+    # the weight formats it reads: int8 and q4 only where the CPU has VNNI; fp16 never (fbgemm's fp16 kernel
+    # reads it faster than widening it here did: 8.8 vs 12-13 ms a step at batch 1)
     formats: tuple[str, ...]
+    quantize_q4: Callable | None = None  # rugpt_quantize_q4: fp32 weights to q4 tiles (q4.kernel_quantize_q4)
+
+
+class _Linear(ctypes.Structure):  # native_step.c's Linear
+    _fields_ = [("w", ctypes.c_void_p), ("s", _P), ("z", _INTS), ("b", _P), ("type", ctypes.c_int)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("ln1_w", _P), ("ln1_b", _P), ("qkv", _Linear), ("proj", _Linear), ("ln2_w", _P), ("ln2_b", _P),
+                ("fc", _Linear), ("out", _Linear)]
 
 
 class _Model(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_int) for name in ("n_layer", "d", "n_head", "d_ff", "vocab", "ctx", "wtype")] + [
+    _fields_ = [(name, ctypes.c_int) for name in ("n_layer", "d", "n_head", "d_ff", "vocab", "ctx")] + [
         ("eps", ctypes.c_float),
-        *((name, _P) for name in ("wte", "wpe", "lnf_w", "lnf_b", "lm_w", "lm_s", "lm_z")),
-        ("layer", ctypes.POINTER(_P)),
+        *((name, _P) for name in ("wte", "wpe", "lnf_w", "lnf_b")),
+        ("lm", _Linear),
+        ("layers", ctypes.POINTER(_Layer)),
         ("k_cache", ctypes.POINTER(_P)),
         ("v_cache", ctypes.POINTER(_P)),
-        *((name, _P) for name in ("h", "a", "qkv", "att", "f", "scores", "xq", "xs")),
+        *((name, _P) for name in ("h", "a", "qkv", "att", "f", "scores", "xq", "xs", "xb")),
     ]
+
+
+def linear_struct(linear: PackedLinear, bias: torch.Tensor | None = None) -> _Linear:
+    """The C view of a packed linear layer, with its own fp32 bias or `bias` (the tensors must outlive it)."""
+    return _Linear(linear.weight.data_ptr(), _ptr(linear.scale), _int_ptr(linear.row_sums),
+                   _ptr(bias if bias is not None else linear.bias), WEIGHT_TYPES[linear.weight.dtype])
 
 
 class NativeStep:
     """Decode steps of one GPT-2 (tanh GELU, CPU) over the fast engine's fp32 KV cache, up to its rows at a time.
 
-    Linear weights are [out, in] fp32 or bf16, or int8 in int8_tiled's tiles (per-row scales, multiplied by
-    activations quantized per row); embeddings, layer norms, biases and the cache are fp32. Caches are
-    [rows, heads, ctx, head_dim].
+    Each linear weight is [out, in] fp32 or bf16, or int8 in int8_tiled's tiles (per-row scales, multiplied by
+    activations quantized per row), or 4-bit codes in q4.tile_q4's tiles; layers may mix them. Embeddings,
+    layer norms, biases and the cache are fp32. Caches are [rows, heads, ctx, head_dim].
     """
 
     def __init__(self, kernel: Kernel, *, wte: torch.Tensor, wpe: torch.Tensor,
                  ln_f: tuple[torch.Tensor, torch.Tensor], lm_head: PackedLinear, layers: list[BlockWeights],
                  k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], n_head: int, eps: float):
         self._kernel = kernel.step
-        linears = [lm_head, *(linear for layer in layers for linear in (layer.qkv, layer.proj, layer.fc, layer.out))]
-        dtype = lm_head.weight.dtype
-        if dtype not in WEIGHT_TYPES or any(linear.weight.dtype != dtype for linear in linears):
-            raise ValueError(f"the native step reads one weight type of {list(WEIGHT_TYPES)}")
-        self._keep: list[torch.Tensor] = []  # the struct holds raw pointers: keep what they point into alive
+        self._keep: list[torch.Tensor] = []  # the structs hold raw pointers: keep what they point into alive
         norms = [t for layer in layers for t in (*layer.ln1, *layer.ln2)]
         for tensor in (wte, wpe, *ln_f, *norms, *k_cache, *v_cache):
             self._hold(tensor, torch.float32)
-        per_layer = [
-            tensor
-            for layer in layers
-            for tensor in (*layer.ln1, *self._linear(layer.qkv), *self._linear(layer.proj), *layer.ln2,
-                           *self._linear(layer.fc), *self._linear(layer.out))
-        ]
-        lm_w, lm_s, lm_z, _ = self._linear(lm_head)
+        self._layers = (_Layer * len(layers))(*(
+            _Layer(_ptr(layer.ln1[0]), _ptr(layer.ln1[1]), self._linear(layer.qkv), self._linear(layer.proj),
+                   _ptr(layer.ln2[0]), _ptr(layer.ln2[1]), self._linear(layer.fc), self._linear(layer.out))
+            for layer in layers))
         vocab, d = wte.shape
         self.max_rows, _, ctx, _ = k_cache[0].shape
         d_ff = layers[0].fc.bias.shape[0]
         per_row = (("h", d), ("a", d), ("qkv", 3 * d), ("att", d), ("f", d_ff), ("scores", n_head * ctx))
         scratch = [torch.zeros(self.max_rows, size) for _, size in per_row]
-        scratch += [torch.zeros(self.max_rows, max(d, d_ff), dtype=torch.uint8), torch.zeros(self.max_rows)]
+        widest = -(-max(d, d_ff) // Q4_BLOCK) * Q4_BLOCK  # q4 inputs are padded to whole blocks
+        scratch += [torch.zeros(self.max_rows, widest, dtype=torch.uint8), torch.zeros(self.max_rows),
+                    torch.zeros(self.max_rows, widest // Q4_BLOCK)]
         self._keep += scratch
-        self._layer = _pointers(per_layer)
         self._k, self._v = _pointers(k_cache), _pointers(v_cache)
-        self._model = _Model(len(layers), d, n_head, d_ff, vocab, ctx, WEIGHT_TYPES[dtype], eps,
-                             *(_ptr(t) for t in (wte, wpe, *ln_f, lm_w, lm_s, lm_z)), self._layer, self._k, self._v,
-                             *(_ptr(t) for t in scratch))
+        self._model = _Model(len(layers), d, n_head, d_ff, vocab, ctx, eps, *(_ptr(t) for t in (wte, wpe, *ln_f)),
+                             self._linear(lm_head), self._layers, self._k, self._v, *(_ptr(t) for t in scratch))
         self.vocab = vocab
 
-    def _linear(self, linear: PackedLinear) -> tuple:
-        """weight, scale, row sums, bias, in native_step.c's order; scale and row sums for int8 only."""
-        bias = linear.bias.float().contiguous() if linear.bias is not None else None
+    def _linear(self, linear: PackedLinear) -> _Linear:
+        if linear.weight is None or linear.weight.dtype not in WEIGHT_TYPES:
+            raise ValueError(f"the native step reads weights of {list(WEIGHT_TYPES)} only")
         if linear.weight.dtype == torch.int8 and linear.row_sums is None:
             raise ValueError("int8 weights reach the native step packed by int8_tiled (its tiles and row sums)")
+        bias = linear.bias.float().contiguous() if linear.bias is not None else None  # bf16 weights: a bf16 bias
         self._hold(linear.weight, linear.weight.dtype)
         for tensor, dtype in ((linear.scale, torch.float32), (linear.row_sums, torch.int32), (bias, torch.float32)):
             if tensor is not None:
                 self._hold(tensor, dtype)
-        return linear.weight, linear.scale, linear.row_sums, bias
+        return linear_struct(linear, bias)
 
     def _hold(self, tensor: torch.Tensor, dtype: torch.dtype) -> None:
         if tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.dtype != dtype:
@@ -143,17 +160,23 @@ def int8_tiled(kernel: Kernel, weight: torch.Tensor, bias: torch.Tensor | None) 
     padded = torch.cat([q, q.new_zeros(-out % TILE_ROWS, n_in)])
     tiles = padded.view(-1, TILE_ROWS, n_in // TILE_COLUMNS, TILE_COLUMNS).transpose(1, 2).contiguous()
 
+    packed = PackedLinear(lambda x: x, tiles.numel() + scale.numel() * 4, tiles, scale, bias, row_sums)
+    packed.forward = kernel_product(kernel, packed, n_in, out)
+    return packed
+
+
+def kernel_product(kernel: Kernel, linear: PackedLinear, n_in: int, out: int) -> Callable:
+    """y = x W^T + b for x [n, in] by the kernel's rugpt_linear over `linear`'s stored (tiled) weights."""
+    struct = linear_struct(linear)
+
     def forward(x: torch.Tensor) -> torch.Tensor:
         x = x.float().contiguous()
-        n = x.shape[0]
-        y = torch.empty(n, out)
-        scratch = torch.empty(n, n_in, dtype=torch.uint8)
-        scales = torch.empty(n)
-        kernel.linear(_ptr(x), _ptr(tiles), _ptr(scale), _ptr(row_sums), _ptr(bias), WEIGHT_TYPES[torch.int8],
-                      _ptr(y), n, n_in, out, _ptr(scratch), _ptr(scales), torch.get_num_threads())
+        y = torch.empty(x.shape[0], out)
+        if kernel.linear(_ptr(x), ctypes.byref(struct), _ptr(y), x.shape[0], n_in, out, torch.get_num_threads()):
+            raise MemoryError(f"no memory for the scratch of a {x.shape[0]}-row product")
         return y
 
-    return PackedLinear(forward, tiles.numel() + scale.numel() * 4, tiles, scale, bias, row_sums)
+    return forward
 
 
 def untile_int8(tiles: torch.Tensor, out: int) -> torch.Tensor:
@@ -164,6 +187,10 @@ def untile_int8(tiles: torch.Tensor, out: int) -> torch.Tensor:
 
 def _ptr(tensor: torch.Tensor | None):
     return ctypes.cast(tensor.data_ptr(), _P) if tensor is not None else _P()
+
+
+def _int_ptr(tensor: torch.Tensor | None):
+    return ctypes.cast(tensor.data_ptr(), _INTS) if tensor is not None else _INTS()
 
 
 def _pointers(tensors) -> ctypes.Array:
@@ -188,13 +215,19 @@ def _load() -> Kernel:
         raise NativeUnavailable("RUGPT_NATIVE=0")
     library = ctypes.CDLL(str(_built()))
     step = library.rugpt_step
-    ints = ctypes.POINTER(ctypes.c_int)
-    step.argtypes = [ctypes.c_void_p, ctypes.c_int, ints, ints, ints, _P, ctypes.c_int]
+    step.argtypes = [ctypes.c_void_p, ctypes.c_int, _INTS, _INTS, _INTS, _P, ctypes.c_int]
     step.restype = None
     linear = library.rugpt_linear
-    linear.argtypes = [_P] * 5 + [ctypes.c_int, _P] + [ctypes.c_int] * 3 + [_P, _P, ctypes.c_int]
-    linear.restype = None
-    return Kernel(step, linear, ("fp32", "bf16", "int8") if library.rugpt_has_vnni() else ("fp32", "bf16"))
+    linear.argtypes = [_P, ctypes.c_void_p, _P] + [ctypes.c_int] * 4
+    linear.restype = ctypes.c_int
+    if library.rugpt_q4_block() != Q4_BLOCK:
+        raise NativeUnavailable(f"the built step reads q4 blocks of {library.rugpt_q4_block()}, not {Q4_BLOCK}")
+    quantize = library.rugpt_quantize_q4
+    quantize.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                         ctypes.c_int]
+    quantize.restype = None
+    formats = ("fp32", "bf16", "int8", "q4") if library.rugpt_has_vnni() else ("fp32", "bf16")
+    return Kernel(step, linear, formats, quantize)
 
 
 def _check(kernel: Kernel) -> None:
@@ -223,6 +256,25 @@ def _check(kernel: Kernel) -> None:
     error = max((torch.stack(g) - e).abs().max().item() for g, e in zip(got, expected, strict=True))
     if not error < 1e-4:
         raise NativeUnavailable(f"the built step disagrees with transformers (max abs error {error:g})")
+    _check_q4(kernel)
+
+
+def _check_q4(kernel: Kernel) -> None:
+    """The compiled quantizer writes q4.py's bytes, and its products match q4.reference_product."""
+    from rugpt.engines import q4
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        weight, bias, x = torch.randn(37, 100), torch.randn(37), torch.randn(5, 100)
+    if not torch.equal(q4.kernel_quantize_q4(kernel, weight), q4.tile_q4(*q4.quantize_q4(weight, pad_to=128))):
+        raise NativeUnavailable("the built q4 quantizer disagrees with rugpt.engines.q4")
+    if "q4" not in kernel.formats:
+        return
+    packed = q4.pack_q4(weight, bias, kernel)
+    expected = q4.reference_product(x, q4.dequantize_q4(*q4.untile_q4(packed.weight, 37))[:, :100], bias)
+    error = (packed(x) - expected).abs().max().item()
+    if not error < 1e-4 * expected.abs().max().item():
+        raise NativeUnavailable(f"the built q4 products disagree with their reference (max abs error {error:g})")
 
 
 def _fp32_weights(model) -> dict:

@@ -1,7 +1,10 @@
 /* A GPT-2 decode step for up to a few rows: embedding, every layer (layer norms, attention over the KV
  * cache, tanh-GELU MLP, residuals) and the logits, inside one OpenMP parallel region. Weights are fp32 or
- * bf16 (activations fp32), or int8 with a scale per row, multiplied by activations quantized to 8 bits
- * per row with VNNI dot products, as fbgemm and llama.cpp do (built only where the CPU has VNNI).
+ * bf16 (activations fp32), or int8 with a scale per row, or 4-bit codes in blocks of 64 with a scale and a
+ * minimum each (q4.py), the last two multiplied by activations quantized to 8 bits per row with VNNI dot
+ * products, as fbgemm and llama.cpp do (built only where the CPU has VNNI). Each linear layer has its own
+ * weight type (fast-q4 may keep the output projection at int8). The same products serve prefills
+ * (rugpt_linear), blocked over tokens.
  *
  * Why: at small batch a step costs reading the weights once. torch's kernels for these matrix-vector
  * products (MKL's sgemv, oneDNN) read ruGPT-3 small's layer shapes at 20-26 GB/s on a 2-core machine
@@ -12,6 +15,7 @@
  * OpenMP runtime (torch's), so it shares torch's threads instead of competing with them. */
 #include <math.h>
 #include <stddef.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -33,29 +37,46 @@ typedef unsigned int u32s __attribute__((vector_size(LANES * 4)));
 #define HAVE_VNNI 0
 #endif
 
-enum { F32, BF16, I8 };       /* weight element types (the order native.py names them in) */
+enum { F32, BF16, I8, Q4 };   /* weight element types (the order native.py names them in) */
 enum { STORE, ADD, GELU };    /* what a product does with its output: y = Wx+b, y += Wx+b, y = gelu(Wx+b) */
-enum {                        /* pointers per layer (the order native.py passes them in) */
-    LN1_W, LN1_B, QKV_W, QKV_S, QKV_Z, QKV_B, PROJ_W, PROJ_S, PROJ_Z, PROJ_B,
-    LN2_W, LN2_B, FC_W, FC_S, FC_Z, FC_B, OUT_W, OUT_S, OUT_Z, OUT_B, PER_LAYER
-};
+#define Q4_BLOCK 64           /* input columns per q4 scale and minimum (q4.py's BLOCK) */
+#define Q4_TILE 16            /* output rows per q4 tile: the int32 lanes of one register */
+#define Q4_CHUNKS (Q4_BLOCK / 8) /* 64-byte chunks per block: 16 rows x 8 columns each */
+#define Q4_BLOCK_BYTES (Q4_CHUNKS * 64 + 4 * Q4_TILE) /* the chunks, then 16 fp16 scales and 16 fp16 minimums */
+#define TOKEN_BLOCK 256       /* prefill rows per pass over a product's weights: their quantized inputs stay in L2 */
+
+/* One linear layer y = x W^T + b: W [out, in] in `type` (int8: tiles, see tile_q8, with a scale s and a
+ * code sum z per row; q4: tiles, see tile_q4, scales inside; else s and z NULL); b may be NULL. */
+typedef struct {
+    const void *w;
+    const float *s;
+    const int *z;
+    const float *b;
+    int type;
+} Linear;
 
 typedef struct {
-    int n_layer, d, n_head, d_ff, vocab, ctx, wtype;
+    const float *ln1_w, *ln1_b;
+    Linear qkv, proj;
+    const float *ln2_w, *ln2_b;
+    Linear fc, out;
+} Layer;
+
+typedef struct {
+    int n_layer, d, n_head, d_ff, vocab, ctx;
     float eps;
     const float *wte, *wpe, *lnf_w, *lnf_b;
-    const void *lm_w;           /* the output projection [vocab, d] in wtype (int8: tiles) */
-    const float *lm_s;          /* int8 only (else NULL): its row scales... */
-    const int *lm_z;            /* ...and row sums */
-    const void **layer;         /* PER_LAYER pointers per layer: weights [out, in] in wtype (int8: tiles, see
-                                   tile_q8); scales and row sums NULL unless int8 */
+    Linear lm;                  /* the output projection [vocab, d], no bias */
+    const Layer *layers;
     float **k_cache, **v_cache; /* per layer: [rows, n_head, ctx, d / n_head] */
     float *h, *a, *qkv, *att, *f, *scores; /* scratch per row: d, d, 3d, d, d_ff, n_head * ctx */
-    unsigned char *xq;          /* scratch per row, int8 only: the quantized input of a product (d_ff)... */
-    float *xs;                  /* ...and its scale (1) */
+    unsigned char *xq;          /* scratch per row, 8-bit products only: the quantized input (d_ff, padded to 64)... */
+    float *xs;                  /* ...its scale (1)... */
+    float *xb;                  /* ...and, q4 only, its sums per block of 64 (d_ff / 64, rounded up) */
 } Model;
 
 int rugpt_has_vnni(void) { return HAVE_VNNI; }
+int rugpt_q4_block(void) { return Q4_BLOCK; }
 
 static inline vec load(const float *p) {
     vec v;
@@ -131,14 +152,6 @@ static inline void put(float *y, float value, int mode) {
     else *y = mode == GELU ? gelu(value) : value;
 }
 
-/* A weight [out, in] of `type`; int8 rows carry a scale (weight = q * s) and their sum z */
-typedef struct {
-    const void *w;
-    const float *s;
-    const int *z;
-    int type;
-} Weight;
-
 /* An input [n, in]: floats, and for int8 weights the same rows quantized (x = (q - 128) * qs[row]) */
 typedef struct {
     const float *x;
@@ -148,7 +161,7 @@ typedef struct {
 
 /* y[c][r + k] for k < R, c < C: R rows of W against C rows of x, R * C vector accumulators. Inlined with
  * constant R, C and type, so the accumulators live in registers. */
-static inline __attribute__((always_inline)) void tile(const float *x, Weight W, const float *b, float *y, int in,
+static inline __attribute__((always_inline)) void tile(const float *x, Linear W, const float *b, float *y, int in,
                                                        int out, int r, int R, int C, int mode, int type) {
     vec acc[ROWS][COLS];
     for (int k = 0; k < R; k++)
@@ -179,7 +192,7 @@ static inline __attribute__((always_inline)) void tile(const float *x, Weight W,
  * int8 weights are laid out in tiles, [out / 8][in / 64][8][64] (rows padded with zeros to a multiple
  * of 8; `in` a multiple of 64), so a tile reads one sequential stream: as 8 separate rows, 768-byte
  * streams left the hardware prefetcher behind (5.1 vs 3.3 ms for ruGPT-3 small's int8 weights). */
-static inline __attribute__((always_inline)) void tile_q8(const unsigned char *xq, const float *qs, Weight W,
+static inline __attribute__((always_inline)) void tile_q8(const unsigned char *xq, const float *qs, Linear W,
                                                           const float *b, float *y, int in, int out, int r, int C,
                                                           int mode) {
     __m512i acc[ROWS][COLS];
@@ -201,7 +214,7 @@ static inline __attribute__((always_inline)) void tile_q8(const unsigned char *x
 }
 #endif
 
-static inline __attribute__((always_inline)) void any_tile(Input x, Weight W, const float *b, float *y, int in,
+static inline __attribute__((always_inline)) void any_tile(Input x, Linear W, const float *b, float *y, int in,
                                                            int out, int r, int R, int C, int mode, int type) {
 #if HAVE_VNNI
     if (type == I8) {
@@ -217,7 +230,7 @@ static inline Input rows_from(Input x, int c, int in) {
 }
 
 /* rows [r0, r1) of y = x W^T + b for the n rows of x (y is [n, out]) */
-static inline __attribute__((always_inline)) void rows(Input x, Weight W, const float *b, float *y, int n, int in,
+static inline __attribute__((always_inline)) void rows(Input x, Linear W, const float *b, float *y, int n, int in,
                                                        int out, int r0, int r1, int mode, int type) {
     int r = r0;
     for (; r + ROWS <= r1; r += ROWS)
@@ -248,21 +261,140 @@ static void quantize(const float *x, int in, unsigned char *q, float *scale) {
     for (int i = 0; i < in; i++) q[i] = (unsigned char)(128 + lrintf(x[i] * inverse));
 }
 
+#if HAVE_VNNI
+/* x = q * scale, q in [-127, 127] signed (q4 codes are the unsigned side of vpdpbusd), zero-padded to in_pad;
+ * sums[b] = the sum of block b's q, for the blocks' minimums */
+static void quantize_signed(const float *x, int in, int in_pad, signed char *q, float *scale, float *sums) {
+    float top = 0.0f;
+    for (int i = 0; i < in; i++) {
+        float a = fabsf(x[i]);
+        top = a > top ? a : top;
+    }
+    *scale = top > 0.0f ? top / 127.0f : 1.0f;
+    float inverse = 1.0f / *scale;
+    for (int i = 0; i < in; i++) q[i] = (signed char)lrintf(x[i] * inverse);
+    memset(q + in, 0, (size_t)(in_pad - in));
+    for (int b = 0; b < in_pad / Q4_BLOCK; b++) {
+        int total = 0;
+        for (int i = 0; i < Q4_BLOCK; i++) total += q[b * Q4_BLOCK + i];
+        sums[b] = (float)total;
+    }
+}
+
+static inline int load_i32(const signed char *p) {
+    int v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* acc[c] (16 lanes: the tile's 16 rows) = sum over blocks of d * (q . x_c) + m * sum(x_c), for C input rows
+ * of the quantized x (row stride in_pad, block sums at sums + c * blocks). A q4 tile is, per block of 64
+ * columns, 8 chunks of 64 bytes, byte 4 r + j of chunk k holding column 8 k + j of row r in its low nibble
+ * and column 8 k + 4 + j in its high nibble (so a nibble mask and a shift give two registers of 16 rows x
+ * 4 columns, each multiplied by 4 broadcast input bytes), then the rows' fp16 scales and minimums. With
+ * few input rows, low and high nibbles sum into separate registers: two dependency chains, not one. */
+static inline __attribute__((always_inline)) void tile_q4(const signed char *xq, const float *sums, int in_pad,
+                                                          int blocks, const unsigned char *t, int C, __m512 *acc) {
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    const int split = C <= 4;
+    for (int c = 0; c < C; c++) acc[c] = _mm512_setzero_ps();
+    for (int b = 0; b < blocks; b++, t += Q4_BLOCK_BYTES) {
+        __m512i lo_sum[8], hi_sum[8];
+        for (int c = 0; c < C; c++) lo_sum[c] = hi_sum[c] = _mm512_setzero_si512();
+        const signed char *xb = xq + (size_t)b * Q4_BLOCK;
+        for (int k = 0; k < Q4_CHUNKS; k++) {
+            __m512i v = _mm512_loadu_si512(t + 64 * k);
+            __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+            for (int c = 0; c < C; c++) {
+                const signed char *xc = xb + (size_t)c * in_pad + 8 * k;
+                lo_sum[c] = _mm512_dpbusd_epi32(lo_sum[c], lo, _mm512_set1_epi32(load_i32(xc)));
+                if (split) hi_sum[c] = _mm512_dpbusd_epi32(hi_sum[c], hi, _mm512_set1_epi32(load_i32(xc + 4)));
+                else lo_sum[c] = _mm512_dpbusd_epi32(lo_sum[c], hi, _mm512_set1_epi32(load_i32(xc + 4)));
+            }
+        }
+        const unsigned char *scales = t + 64 * Q4_CHUNKS;
+        __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)scales));
+        __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + 2 * Q4_TILE)));
+        for (int c = 0; c < C; c++) {
+            __m512i total = split ? _mm512_add_epi32(lo_sum[c], hi_sum[c]) : lo_sum[c];
+            acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), d, acc[c]);
+            acc[c] = _mm512_fmadd_ps(m, _mm512_set1_ps(sums[(size_t)c * blocks + b]), acc[c]);
+        }
+    }
+}
+
+/* rows [16 tile, 16 tile + 16) of y for input rows c0 .. c0 + C - 1 */
+static inline __attribute__((always_inline)) void q4_columns(const signed char *xq, const float *xs,
+                                                             const float *sums, Linear W, float *y, int in_pad,
+                                                             int out, int tile, int c0, int C, int mode) {
+    int blocks = in_pad / Q4_BLOCK;
+    __m512 acc[8];
+    tile_q4(xq + (size_t)c0 * in_pad, sums + (size_t)c0 * blocks, in_pad, blocks,
+            (const unsigned char *)W.w + (size_t)tile * blocks * Q4_BLOCK_BYTES, C, acc);
+    int r = tile * Q4_TILE, valid = out - r < Q4_TILE ? out - r : Q4_TILE;
+    for (int c = 0; c < C; c++) {
+        float lanes[Q4_TILE];
+        _mm512_storeu_ps(lanes, _mm512_mul_ps(acc[c], _mm512_set1_ps(xs[c0 + c])));
+        float *yc = y + (size_t)(c0 + c) * out + r;
+        for (int k = 0; k < valid; k++) put(yc + k, lanes[k] + (W.b ? W.b[r + k] : 0.0f), mode);
+    }
+}
+
+/* tiles [t0, t1) of y = x W^T + b for q4 W and the n rows already quantized; rows in groups of 8, tokens in
+ * blocks of TOKEN_BLOCK (a prefill's), so the quantized rows of a block stay in cache across the tiles */
+static void q4_rows(const signed char *xq, const float *xs, const float *sums, Linear W, float *y, int n,
+                    int in_pad, int out, int t0, int t1, int mode) {
+    for (int first = 0; first < n; first += TOKEN_BLOCK) {
+        int last = first + TOKEN_BLOCK < n ? first + TOKEN_BLOCK : n;
+        for (int tile = t0; tile < t1; tile++)
+            for (int c = first; c < last; c += 8) {
+                switch (last - c) { /* constant widths: each its own inlined loop with accumulators in registers */
+                case 1: q4_columns(xq, xs, sums, W, y, in_pad, out, tile, c, 1, mode); break;
+                case 2: q4_columns(xq, xs, sums, W, y, in_pad, out, tile, c, 2, mode); break;
+                case 3: q4_columns(xq, xs, sums, W, y, in_pad, out, tile, c, 3, mode); break;
+                case 4: q4_columns(xq, xs, sums, W, y, in_pad, out, tile, c, 4, mode); break;
+                case 5: q4_columns(xq, xs, sums, W, y, in_pad, out, tile, c, 5, mode); break;
+                case 6: q4_columns(xq, xs, sums, W, y, in_pad, out, tile, c, 6, mode); break;
+                case 7: q4_columns(xq, xs, sums, W, y, in_pad, out, tile, c, 7, mode); break;
+                default: q4_columns(xq, xs, sums, W, y, in_pad, out, tile, c, 8, mode);
+                }
+            }
+    }
+}
+#endif
+
+static inline int padded(int n, int multiple) { return (n + multiple - 1) / multiple * multiple; }
+
 /* this thread's share of y = x W^T + b (x [n, in], y [n, out]); every thread of the team calls it, and
- * the caller puts a barrier after it */
-static void product(const float *x, Weight W, const float *b, float *y, int n, int in, int out, int mode,
-                    unsigned char *xq, float *xs) {
+ * the caller puts a barrier after it. xq, xs and xb are scratch for the quantized input (8-bit products):
+ * n rows of `in` (q4: padded to 64) bytes, n scales, and for q4 n rows of block sums. */
+static void product(const float *x, Linear W, float *y, int n, int in, int out, int mode, unsigned char *xq,
+                    float *xs, float *xb) {
+    const float *b = W.b;
+#ifdef _OPENMP
+    int team = omp_get_num_threads(), id = omp_get_thread_num();
+#else
+    int team = 1, id = 0;
+#endif
+#if HAVE_VNNI
+    if (W.type == Q4) {
+        int in_pad = padded(in, Q4_BLOCK), blocks = in_pad / Q4_BLOCK;
+#pragma omp for schedule(static)
+        for (int r = 0; r < n; r++)
+            quantize_signed(x + (size_t)r * in, in, in_pad, (signed char *)xq + (size_t)r * in_pad, xs + r,
+                            xb + (size_t)r * blocks);
+        int tiles = (out + Q4_TILE - 1) / Q4_TILE, share = (tiles + team - 1) / team;
+        int t0 = id * share, t1 = t0 + share < tiles ? t0 + share : tiles;
+        if (t0 < t1) q4_rows((const signed char *)xq, xs, xb, W, y, n, in_pad, out, t0, t1, mode);
+        return;
+    }
+#endif
     Input input = {x, NULL, NULL};
     if (W.type == I8) { /* xq [n, in], xs [n]: scratch for the quantized input */
 #pragma omp for schedule(static)
         for (int r = 0; r < n; r++) quantize(x + (size_t)r * in, in, xq + (size_t)r * in, xs + r);
         input = (Input){x, xq, xs};
     }
-#ifdef _OPENMP
-    int team = omp_get_num_threads(), id = omp_get_thread_num();
-#else
-    int team = 1, id = 0;
-#endif
     int rows_out = W.type == I8 ? (out + ROWS - 1) / ROWS * ROWS : out; /* int8: whole (padded) tiles */
     int share = ((rows_out + team - 1) / team + ROWS - 1) / ROWS * ROWS;
     int r0 = id * share, r1 = r0 + share < rows_out ? r0 + share : rows_out;
@@ -306,10 +438,6 @@ static void attend(const Model *m, int l, int row, int head, int slot, int pos) 
     }
 }
 
-static Weight weight(const Model *m, const void *const *w, int at) {
-    return (Weight){w[at], (const float *)w[at + 1], (const int *)w[at + 2], m->wtype};
-}
-
 /* Append tokens[r] at positions[r] to the row in cache slot slots[r], for r < n (n <= the scratch's rows);
  * logits is [n, vocab]. Rows may sit at different positions. */
 void rugpt_step(const Model *m, int n, const int *slots, const int *positions, const int *tokens, float *logits,
@@ -322,36 +450,155 @@ void rugpt_step(const Model *m, int n, const int *slots, const int *positions, c
             for (int i = 0; i < d; i++)
                 m->h[(size_t)r * d + i] = m->wte[(size_t)tokens[r] * d + i] + m->wpe[(size_t)positions[r] * d + i];
         for (int l = 0; l < m->n_layer; l++) {
-            const void *const *w = m->layer + (size_t)l * PER_LAYER;
+            const Layer *w = m->layers + l;
 #pragma omp for schedule(static)
-            for (int r = 0; r < n; r++)
-                layer_norm(m->h + (size_t)r * d, w[LN1_W], w[LN1_B], m->a + (size_t)r * d, d, m->eps);
-            product(m->a, weight(m, w, QKV_W), w[QKV_B], m->qkv, n, d, 3 * d, STORE, m->xq, m->xs);
+            for (int r = 0; r < n; r++) layer_norm(m->h + (size_t)r * d, w->ln1_w, w->ln1_b, m->a + (size_t)r * d, d, m->eps);
+            product(m->a, w->qkv, m->qkv, n, d, 3 * d, STORE, m->xq, m->xs, m->xb);
 #pragma omp barrier
 #pragma omp for schedule(static) collapse(2)
             for (int r = 0; r < n; r++)
                 for (int head = 0; head < m->n_head; head++) attend(m, l, r, head, slots[r], positions[r]);
-            product(m->att, weight(m, w, PROJ_W), w[PROJ_B], m->h, n, d, d, ADD, m->xq, m->xs);
+            product(m->att, w->proj, m->h, n, d, d, ADD, m->xq, m->xs, m->xb);
 #pragma omp barrier
 #pragma omp for schedule(static)
-            for (int r = 0; r < n; r++)
-                layer_norm(m->h + (size_t)r * d, w[LN2_W], w[LN2_B], m->a + (size_t)r * d, d, m->eps);
-            product(m->a, weight(m, w, FC_W), w[FC_B], m->f, n, d, m->d_ff, GELU, m->xq, m->xs);
+            for (int r = 0; r < n; r++) layer_norm(m->h + (size_t)r * d, w->ln2_w, w->ln2_b, m->a + (size_t)r * d, d, m->eps);
+            product(m->a, w->fc, m->f, n, d, m->d_ff, GELU, m->xq, m->xs, m->xb);
 #pragma omp barrier
-            product(m->f, weight(m, w, OUT_W), w[OUT_B], m->h, n, m->d_ff, d, ADD, m->xq, m->xs);
+            product(m->f, w->out, m->h, n, m->d_ff, d, ADD, m->xq, m->xs, m->xb);
 #pragma omp barrier
         }
 #pragma omp for schedule(static)
-        for (int r = 0; r < n; r++)
-            layer_norm(m->h + (size_t)r * d, m->lnf_w, m->lnf_b, m->a + (size_t)r * d, d, m->eps);
-        product(m->a, (Weight){m->lm_w, m->lm_s, m->lm_z, m->wtype}, NULL, logits, n, d, m->vocab, STORE, m->xq, m->xs);
+        for (int r = 0; r < n; r++) layer_norm(m->h + (size_t)r * d, m->lnf_w, m->lnf_b, m->a + (size_t)r * d, d, m->eps);
+        product(m->a, m->lm, logits, n, d, m->vocab, STORE, m->xq, m->xs, m->xb);
     }
 }
 
-/* y [n, out] = x [n, in] W^T + b on its own: the fast engine's prefill products for int8 weights, which
- * otherwise would need a second (fbgemm) copy of them; xq [n, in] and xs [n] are scratch */
-void rugpt_linear(const float *x, const void *w, const float *s, const int *z, const float *b, int wtype, float *y,
-                  int n, int in, int out, unsigned char *xq, float *xs, int threads) {
+/* y [n, out] = x [n, in] W^T + b on its own: the fast engine's prefill products for 8- and 4-bit weights, which
+ * otherwise would need a second (fbgemm) copy of them. Returns 0, or -1 when scratch cannot be allocated. */
+int rugpt_linear(const float *x, const Linear *W, float *y, int n, int in, int out, int threads) {
+    if (n <= 0) return 0;
+    size_t width = (size_t)padded(in, Q4_BLOCK);
+    unsigned char *xq = malloc((size_t)n * width);
+    float *xs = malloc((size_t)n * sizeof(float)), *xb = malloc((size_t)n * (width / Q4_BLOCK) * sizeof(float));
+    int ok = xq && xs && xb;
+    if (ok) {
 #pragma omp parallel num_threads(threads)
-    product(x, (Weight){w, s, z, wtype}, b, y, n, in, out, STORE, xq, xs);
+        product(x, *W, y, n, in, out, STORE, xq, xs, xb);
+    }
+    free(xq);
+    free(xs);
+    free(xb);
+    return ok ? 0 : -1;
+}
+
+/* One block of 64 weights to 4-bit codes q and fp16 d, m with w ~ d q + m: the grid spans the block's range
+ * (widened to hold 0), then d and m are refitted by least squares for the codes chosen and rounded to fp16,
+ * and the codes taken again for those. q4.py's quantize_q4 is the same arithmetic in torch (the reference). */
+static void quantize_block(const float *w, unsigned char *q, _Float16 *d_out, _Float16 *m_out) {
+    float low = 0.0f, high = 0.0f;
+    for (int i = 0; i < Q4_BLOCK; i++) {
+        low = w[i] < low ? w[i] : low;
+        high = w[i] > high ? w[i] : high;
+    }
+    float d = (high - low) / 15.0f, step = d == 0.0f ? 1.0f : d;
+    double sq = 0, sw = 0, sqq = 0, sqw = 0;
+    for (int i = 0; i < Q4_BLOCK; i++) {
+        float c = nearbyintf((w[i] - low) / step);
+        c = c < 0.0f ? 0.0f : c > 15.0f ? 15.0f : c;
+        sq += c, sw += w[i], sqq += (double)c * c, sqw += (double)c * w[i];
+    }
+    double det = Q4_BLOCK * sqq - sq * sq, fit_d = d, fit_m = low;
+    if (det > 0) {
+        fit_d = (Q4_BLOCK * sqw - sq * sw) / det;
+        fit_m = (sw - fit_d * sq) / Q4_BLOCK;
+    }
+    *d_out = (_Float16)(float)fit_d;
+    *m_out = (_Float16)(float)fit_m;
+    float dd = (float)*d_out, mm = (float)*m_out, inverse_step = dd == 0.0f ? 1.0f : dd;
+    for (int i = 0; i < Q4_BLOCK; i++) {
+        float c = nearbyintf((w[i] - mm) / inverse_step);
+        q[i] = (unsigned char)(c < 0.0f ? 0.0f : c > 15.0f ? 15.0f : c);
+    }
+}
+
+/* w [out, in] fp32, element (r, c) at w[r * row_stride + c * column_stride] (a transposed view needs no copy),
+ * to q4 tiles (q4.py's tile_q4 layout: whole tiles of 16 rows, `in` padded with zero columns to whole blocks),
+ * tiles spread over the threads */
+void rugpt_quantize_q4(const float *w, long row_stride, long column_stride, int out, int in, unsigned char *tiles,
+                       int threads) {
+    int blocks = padded(in, Q4_BLOCK) / Q4_BLOCK, n_tiles = (out + Q4_TILE - 1) / Q4_TILE;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int t = 0; t < n_tiles; t++)
+        for (int b = 0; b < blocks; b++) {
+            unsigned char *block = tiles + ((size_t)t * blocks + b) * Q4_BLOCK_BYTES;
+            _Float16 *ds = (_Float16 *)(block + 64 * Q4_CHUNKS), *ms = ds + Q4_TILE;
+            memset(block, 0, Q4_BLOCK_BYTES);
+            for (int r = 0; r < Q4_TILE && t * Q4_TILE + r < out; r++) {
+                const float *row = w + (t * Q4_TILE + r) * row_stride;
+                float v[Q4_BLOCK];
+                unsigned char q[Q4_BLOCK];
+                for (int i = 0, c = b * Q4_BLOCK; i < Q4_BLOCK; i++, c++) v[i] = c < in ? row[c * column_stride] : 0.0f;
+                quantize_block(v, q, ds + r, ms + r);
+                for (int k = 0; k < Q4_CHUNKS; k++) /* column 8 k + j low, 8 k + 4 + j high, at byte 4 r + j */
+                    for (int j = 0; j < 4; j++)
+                        block[64 * k + 4 * r + j] = (unsigned char)(q[8 * k + j] | q[8 * k + 4 + j] << 4);
+            }
+        }
+}
+
+/* The CPU's compute peak, measured (benchmarks report prefill speed as a share of it): every thread runs
+ * `rounds` x 12 independent dot-product instructions, bf16 pairs (kind 0: vdpbf16ps, 64 flops each),
+ * VNNI bytes (kind 1: vpdpbusd, 128 ops each) or fp32 fused multiply-adds (kind 2: 32 flops each). Returns
+ * the operations done per thread, 0 where the CPU lacks the instruction. */
+double rugpt_peak(int kind, long rounds, int threads) {
+    double done = 0.0;
+#if defined(__AVX512F__)
+    if (kind == 2) {
+#pragma omp parallel num_threads(threads)
+        {
+            __m512 acc[12];
+            for (int j = 0; j < 12; j++) acc[j] = _mm512_set1_ps((float)j);
+            __m512 a = _mm512_set1_ps(1.0000001f), b = _mm512_set1_ps(1e-7f);
+            for (long i = 0; i < rounds; i++)
+                for (int j = 0; j < 12; j++) acc[j] = _mm512_fmadd_ps(acc[j], a, b);
+            float sink = 0.0f;
+            for (int j = 0; j < 12; j++) sink += _mm512_reduce_add_ps(acc[j]);
+            if (sink == 42.0f) done = -1.0;
+        }
+        if (done == 0.0) done = (double)rounds * 12 * 32;
+    }
+#endif
+#if defined(__AVX512BF16__)
+    if (kind == 0) {
+#pragma omp parallel num_threads(threads)
+        {
+            __m512 acc[12];
+            for (int j = 0; j < 12; j++) acc[j] = _mm512_set1_ps((float)j);
+            __m512bh a = (__m512bh)_mm512_set1_epi16(0x3f80), b = (__m512bh)_mm512_set1_epi16(0x3c00);
+            for (long i = 0; i < rounds; i++)
+                for (int j = 0; j < 12; j++) acc[j] = _mm512_dpbf16_ps(acc[j], a, b);
+            float sink = 0.0f;
+            for (int j = 0; j < 12; j++) sink += _mm512_reduce_add_ps(acc[j]);
+            if (sink == 42.0f) done = -1.0; /* never: keeps the loop */
+        }
+        if (done == 0.0) done = (double)rounds * 12 * 64;
+    }
+#endif
+#if HAVE_VNNI
+    if (kind == 1) {
+#pragma omp parallel num_threads(threads)
+        {
+            __m512i acc[12];
+            for (int j = 0; j < 12; j++) acc[j] = _mm512_set1_epi32(j);
+            __m512i a = _mm512_set1_epi8(3), b = _mm512_set1_epi8(-2);
+            for (long i = 0; i < rounds; i++)
+                for (int j = 0; j < 12; j++) acc[j] = _mm512_dpbusd_epi32(acc[j], a, b);
+            int sink = 0;
+            for (int j = 0; j < 12; j++) sink += _mm512_reduce_add_epi32(acc[j]);
+            if (sink == 42) done = -1.0;
+        }
+        if (done == 0.0) done = (double)rounds * 12 * 128;
+    }
+#endif
+    return done;
 }

@@ -16,6 +16,7 @@ from rugpt.engines.base import DecodeEngine
 class TransformersEngine(DecodeEngine):
     name = "transformers"
     accepts_embeds = True
+    shares_kv = True
 
     def __init__(self, model, context_length: int, max_rows: int = 64):
         super().__init__(context_length, model.config.vocab_size, max_rows)
@@ -49,6 +50,35 @@ class TransformersEngine(DecodeEngine):
                              use_cache=True)
             logits.append(out.logits[0, -1].float())
         return torch.stack(logits)
+
+    @torch.inference_mode()
+    def _extend(self, row: int, token_ids: list[int], all_logits: bool) -> torch.Tensor:
+        # Positions continue from the cache's length: transformers reads them off the cache it is given.
+        out = self.model(input_ids=torch.tensor([token_ids], device=self.model.device),
+                         **{self._cache_arg: self._caches[row]}, use_cache=True)
+        return out.logits[0].float() if all_logits else out.logits[0, -1].float()
+
+    def _truncate(self, row: int, length: int) -> None:
+        dropped = self.lengths[row] - length
+        if dropped:
+            self._caches[row].crop(-dropped)  # a negative count drops that many from the end (transformers 5)
+
+    @torch.inference_mode()
+    def _export_kv(self, row: int, start: int, end: int) -> torch.Tensor:
+        layers = self._caches[row].layers
+        # each layer's keys and values are [1, heads, tokens, head_dim]; stacking copies them
+        return torch.stack([torch.stack((layer.keys[0, :, start:end], layer.values[0, :, start:end]))
+                            for layer in layers])
+
+    @torch.inference_mode()
+    def _open_row(self, row: int, kv: torch.Tensor) -> None:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        device = self.model.device
+        for index, (keys, values) in enumerate(kv):
+            cache.update(keys.unsqueeze(0).to(device), values.unsqueeze(0).to(device), index)
+        self._caches[row] = cache
 
     def _release(self, row: int) -> None:
         self._caches.pop(row, None)

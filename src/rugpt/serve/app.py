@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -24,10 +24,12 @@ import rugpt
 from rugpt.engines import create_engine
 from rugpt.engines.base import DecodeEngine
 from rugpt.models import LoadedModel, load
-from rugpt.serve.errors import APIError, install_handlers
+from rugpt.serve.errors import APIError, document_every_route, install_handlers
 from rugpt.serve.metrics import ServerMetrics
+from rugpt.serve.routes import require_key
 from rugpt.serve.routes import router as openai_router
 from rugpt.serve.scheduler import BatchScheduler
+from rugpt.serve.schemas import Health
 from rugpt.serve.service import GenerationService
 from rugpt.serve.settings import ServerSettings
 from rugpt.serve.trained import TrainedPrompts
@@ -52,7 +54,10 @@ def create_app(settings: ServerSettings | None = None, *, loaded: LoadedModel | 
     metrics = ServerMetrics()
     scheduler = BatchScheduler(engine, loaded.tokenizer, metrics, max_waiting=settings.max_waiting,
                                max_queue_seconds=settings.max_queue_seconds,
-                               max_inflight_per_key=settings.max_inflight_per_key)
+                               max_inflight_per_key=settings.max_inflight_per_key,
+                               prefix_cache_bytes=int(settings.prefix_cache_mb * 2**20),
+                               prefill_chunk=settings.prefill_chunk,
+                               prefill_chunks_per_step=settings.prefill_chunks_per_step)
     service = GenerationService(settings, loaded, scheduler, prompts)
 
     @asynccontextmanager
@@ -76,7 +81,20 @@ def create_app(settings: ServerSettings | None = None, *, loaded: LoadedModel | 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, metrics=metrics)
     app.add_middleware(RequestMetrics, metrics=metrics)
+    _document_errors(app)
     return app
+
+
+def _document_errors(app: FastAPI) -> None:
+    """The OpenAPI page lists every status a route really answers (serve/errors.py), and no 422."""
+    plain = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_every_route(plain())
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def _pages_router() -> APIRouter:
@@ -86,7 +104,8 @@ def _pages_router() -> APIRouter:
     async def playground() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html")
 
-    @pages.get("/health")
+    @pages.get("/health", response_model=Health,
+                responses={503: {"model": Health, "description": "starting, stopping, or the decode loop failed"}})
     async def health(request: Request) -> JSONResponse:
         """200 while the server takes requests, 503 while it starts, stops or after its decode loop failed."""
         state = request.app.state
@@ -95,7 +114,8 @@ def _pages_router() -> APIRouter:
                 "engine": state.scheduler.engine.name, "max_batch": state.scheduler.max_batch}
         return JSONResponse(body, status_code=200 if ready else 503)
 
-    @pages.get("/metrics", include_in_schema=False)
+    # security: the counters describe other clients' traffic: behind the API key when the server has keys.
+    @pages.get("/metrics", include_in_schema=False, dependencies=[Depends(require_key)])
     async def metrics(request: Request) -> Response:
         return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 

@@ -163,6 +163,7 @@ class ClusterMiddleware:
         await JSONResponse(body)(scope, receive, send)
 
     async def _metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
+        require_key(Request(scope))  # security: behind the API key, as on one server (401 otherwise)
         page = render_merged(await self.link.metrics_everywhere())
         await Response(page, media_type=CONTENT_TYPE_LATEST)(scope, receive, send)
 

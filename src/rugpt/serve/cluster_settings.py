@@ -1,6 +1,7 @@
 """Settings of `rugpt serve --replicas N` and their mapping onto Ray Serve's own deployment options.
 
-Nothing here imports Ray: the mapping is a plain dict, so `--help` and the tests work without it. Each
+Nothing here imports Ray: the mapping is a plain dict, so `--help` and the tests work without it. The
+fields' descriptions are the `rugpt serve --help` texts of these options (cli/options.py makes them). Each
 option says which Ray Serve setting it becomes; rugpt re-implements none of them (routing, queueing in
 front of the replicas, autoscaling, restarting a dead replica are Ray Serve's).
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 import math
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic_core import PydanticUndefined
 
 from rugpt.errors import UsageError
 from rugpt.serve.settings import ServerSettings
@@ -92,13 +92,6 @@ class ClusterSettings(BaseModel):
 
     def torch_threads(self) -> int:
         return max(1, math.floor(self.cpus_per_replica))
-
-
-def describe_cluster(name: str) -> str:
-    """A cluster setting's help text with its default, for `rugpt serve --help`."""
-    field = ClusterSettings.model_fields[name]
-    shown = field.default not in (None, PydanticUndefined) and name != "replicas"  # no --replicas: no Ray at all
-    return (field.description or "") + (f" (default {field.default})" if shown else "")
 
 
 CLUSTER_OPTIONS = tuple(ClusterSettings.model_fields)

@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rugpt.errors import ModelNotFound, RugptError
 from rugpt.serve.scheduler import Busy, DuplicateRequestId, NotReady, Refused
+from rugpt.serve.schemas import ErrorResponse
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,48 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+# What each status means on this server, for the OpenAPI page: a schema-driven client or fuzzer must never meet
+# an undocumented one. Validation errors are 400 here (never FastAPI's 422), so 422 is left out of the spec.
+STATUS_MEANINGS = {
+    400: "the request is invalid: the message names the field and what is allowed",
+    401: "missing or invalid API key (when the server has keys)",
+    404: "no such model, request id or route",
+    409: "a request with this X-Request-Id is already waiting or running",
+    413: "the request body is larger than the server's limit",
+    429: "too many requests waiting, or too many of this API key: retry after Retry-After seconds",
+    500: "a fault of the server's own (the log has the details)",
+    503: "the server is starting, shutting down, or the request waited too long for a slot",
+    504: "the request took longer than the server's limit",
+}
+GENERATION_ERRORS = (400, 401, 404, 409, 429, 503, 504)
+EVERY_ROUTE = (413, 500)  # the body-size limit and our own faults can answer on any route
+
+
+def documented(*statuses: int) -> dict[int | str, dict]:
+    """FastAPI `responses=` documenting these error statuses in OpenAI's error shape."""
+    return {status: {"model": ErrorResponse, "description": STATUS_MEANINGS[status]} for status in statuses}
+
+
+def document_every_route(spec: dict) -> dict:
+    """The app's OpenAPI spec with the statuses any route may answer and without 422, which it never answers."""
+    for path in spec.get("paths", {}).values():
+        for operation in path.values():
+            responses = operation.setdefault("responses", {})
+            if responses.pop("422", None) is not None:
+                responses.setdefault("400", _error_doc(400))
+            for status in EVERY_ROUTE:
+                responses.setdefault(str(status), _error_doc(status))
+    schemas = spec.get("components", {}).get("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
+    return spec
+
+
+def _error_doc(status: int) -> dict:
+    return {"description": STATUS_MEANINGS[status],
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rugpt.decoding import RowSettings
+from rugpt.sampling import TokenLogprobs
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class Started:
 class Piece:
     index: int
     text: str  # a streamed row's next piece of text, held back while it may start a stop string
+    logprobs: tuple[TokenLogprobs, ...] = ()  # of the tokens picked since the last piece, when asked for
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class Finished:
     text: str  # the whole text of a non-streamed row (cut at a stop string); "" for a streamed one
     token_ids: tuple[int, ...]  # the generated tokens (without end-of-text)
     reason: str  # "stop", "length" or "cancelled"
+    logprobs: tuple[TokenLogprobs, ...] = ()  # when asked for: every token's (a streamed row: those not yet sent)
 
     @property
     def tokens(self) -> int:
@@ -78,6 +81,7 @@ class Job:
     started_at: float | None = None
     cancel_cause: str | None = None  # "client", "disconnect", "timeout" or "shutdown"
     open_rows: int = 0
+    priority: int = 0  # lower starts first; equal priorities start in order of arrival
 
     def post(self, event: Event) -> None:
         """Hand an event to the request's coroutine; safe from any thread, a no-op once the loop is closed."""

@@ -32,6 +32,17 @@ class ServerMetrics:
                                  ["route"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_wait = Histogram("rugpt_queue_wait_seconds", "time a request waited for a decode slot",
                                     buckets=LATENCY_BUCKETS, registry=r)
+        self.prefix_cache_lookups = Counter("rugpt_prefix_cache_lookups", "prompts looked up in the prefix cache",
+                                            registry=r)
+        self.prefix_cache_hits = Counter("rugpt_prefix_cache_hits", "prompts that started from cached blocks",
+                                         registry=r)
+        self.prefix_cache_saved_tokens = Counter("rugpt_prefix_cache_saved_tokens",
+                                                 "prompt tokens taken from the prefix cache instead of computed",
+                                                 registry=r)
+        self.prefix_cache_hit_rate = Gauge("rugpt_prefix_cache_hit_rate", "prefix cache hits / lookups so far",
+                                           registry=r)
+        self.prefix_cache_bytes = Gauge("rugpt_prefix_cache_bytes", "memory held by the prefix cache's blocks",
+                                        registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,11 +1,16 @@
 """The batching scheduler: the one place where requests of different people are decoded together.
 
-Requests wait in a bounded FIFO queue; one worker thread owns the decode engine and runs a loop of
-(admit waiting requests into free rows → drop cancelled rows → sample one token per row → one batched
-engine step). Sampling, stop strings and the finish rules are the decode core's (`rugpt.decoding`, shared
-with `Generator`); this module keeps admission, cancellation and routing events only. A request joins the
-running batch between two steps and leaves it as soon as it is done (continuous batching, as in Orca,
-OSDI '22), so rows of different lengths, sampling settings and trained prompts share every step. Each row
+Requests wait in a bounded queue, lower `priority` first and then in order of arrival (a key over its
+per-key limit is refused at submit, so it never holds up others); one worker thread owns the decode engine
+and runs a loop of (admit waiting requests into free rows → drop cancelled rows → feed new prompts to the
+engine → sample one token per row → one batched engine step). Sampling, stop strings and the finish rules
+are the decode core's (`rugpt.decoding`, shared with `Generator`); this module keeps admission, cancellation
+and routing events only. A request joins the running batch between two steps and leaves it as soon as it is
+done (continuous batching, as in Orca, OSDI '22), so rows of different lengths, sampling settings and trained
+prompts share every step. A new row's prompt enters in chunks of `prefill_chunk` tokens, at most
+`prefill_chunks_per_step` chunks between two steps (chunked prefill, as in Sarathi-Serve, OSDI '24), so a long
+prompt never stalls the running rows for long; it starts from the prefix cache's blocks where it can
+(rugpt.engines.prefill), and a finished row's prompt and text go into that cache for the next turn. Each row
 samples with its own seeded generator, so its text does not depend on what it was batched with. A row
 whose prefill or pick fails (its prompt's embedding, its logits) fails its own request only; the rest of
 the batch goes on.
@@ -20,19 +25,36 @@ fed with `loop.call_soon_threadsafe`; torch releases the GIL, so the event loop 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import secrets
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
+from dataclasses import dataclass
 
 from rugpt.decoding import RowStep, advance, start_row
 from rugpt.engines.base import DecodeEngine
+from rugpt.engines.prefill import PromptPrefill
+from rugpt.engines.prefix_cache import PrefixCache
 from rugpt.serve.jobs import DecodeRequest, Event, Failed, Finished, Job, Started
 from rugpt.serve.metrics import ServerMetrics
 from rugpt.serve.rows import ServedRow
 
 log = logging.getLogger(__name__)
+
+
+def _waiting_order(job: Job) -> tuple[int, float]:
+    return job.priority, job.queued_at
+
+
+@dataclass(eq=False)
+class _PendingRow:
+    """A row of a started job whose prompt is still entering the engine (worker thread only)."""
+
+    job: Job
+    index: int
+    prefill: PromptPrefill
 
 
 class Refused(Exception):
@@ -90,14 +112,21 @@ class BatchScheduler:
     """Owns the engine through one worker thread; `submit` from the event loop, `stop` at shutdown."""
 
     def __init__(self, engine: DecodeEngine, tokenizer, metrics: ServerMetrics | None = None, *,
-                 max_waiting: int = 64, max_queue_seconds: float = 0.0, max_inflight_per_key: int = 0):
+                 max_waiting: int = 64, max_queue_seconds: float = 0.0, max_inflight_per_key: int = 0,
+                 prefix_cache_bytes: int = 0, prefill_chunk: int = 0, prefill_chunks_per_step: int = 1):
+        """`prefix_cache_bytes` 0 turns the prefix cache off (so does an engine that cannot export its KV);
+        `prefill_chunk` 0 prefills each prompt whole, before the next step."""
         self.engine, self.tokenizer = engine, tokenizer
         self.metrics = metrics or ServerMetrics()
         self.max_batch = engine.max_rows
         self.max_waiting, self.max_queue_seconds = max_waiting, max_queue_seconds
         self.max_inflight_per_key = max_inflight_per_key
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes and engine.shares_kv else None
+        self.prefill_chunk, self.prefill_chunks_per_step = prefill_chunk, prefill_chunks_per_step
+        self._prefilling: list[_PendingRow] = []  # worker thread only, in order of admission
+        self._cached_prompts: dict[ServedRow, list[int]] = {}  # rows whose whole text goes to the cache at the end
         self._cond = threading.Condition()
-        self._waiting: deque[Job] = deque()  # no free rows for them yet, first come first served
+        self._waiting: list[Job] = []  # no free rows for them yet, in order of (priority, arrival)
         self._ready: list[Job] = []  # rows reserved, to be prefilled by the decode thread
         self._jobs: dict[str, Job] = {}  # waiting and running, by id
         self._per_key: Counter[str] = Counter()
@@ -117,16 +146,19 @@ class BatchScheduler:
     def ready(self) -> bool:
         return self._thread.is_alive() and not self._stopping and self._crashed is None
 
-    def submit(self, request: DecodeRequest, key: str | None = None, job_id: str | None = None) -> Ticket:
-        """Queue a request; call on the event loop. Raises Busy, DuplicateRequestId or NotReady when it cannot
-        be taken."""
-        job = Job(job_id or f"req-{secrets.token_hex(12)}", request, key, asyncio.get_running_loop())
+    def submit(self, request: DecodeRequest, key: str | None = None, job_id: str | None = None,
+               priority: int = 0) -> Ticket:
+        """Queue a request; call on the event loop. Waiting requests start in order of (priority, arrival),
+        lower priority first. Raises Busy, DuplicateRequestId or NotReady when it cannot be taken."""
+        job = Job(job_id or f"req-{secrets.token_hex(12)}", request, key, asyncio.get_running_loop(),
+                  priority=priority)
         with self._cond:
             self._check_admissible(job)
             self._jobs[job.id] = job
             if key is not None:
                 self._per_key[key] += 1
-            self._waiting.append(job)
+            # bisect.insort is stable (after equal keys): arrival order among equal priorities.
+            bisect.insort_right(self._waiting, job, key=_waiting_order)
             self._promote()
             position, wait = self._position(job)
             self._cond.notify()
@@ -206,7 +238,7 @@ class BatchScheduler:
     def _promote(self) -> None:
         """Reserve rows for waiting requests, in order, while the first of them fits."""
         while self._waiting and len(self._waiting[0].request.rows) <= self.max_batch - self._reserved:
-            job = self._waiting.popleft()
+            job = self._waiting.pop(0)
             self._reserved += len(job.request.rows)
             self._ready.append(job)
         self.metrics.queue_depth.set(len(self._waiting))
@@ -246,6 +278,7 @@ class BatchScheduler:
                 for job in taken:
                     self._start(job)
                 self._drop_cancelled()
+                self._prefill_some()
                 if self._rows:
                     self._step_or_fail()
         except BaseException as exc:  # the decode loop must never die silently: fail everyone, report unhealthy
@@ -261,7 +294,7 @@ class BatchScheduler:
                 self._expire_waiting()
                 self._promote()
                 taken, self._ready = self._ready, []
-                if taken or self._rows:
+                if taken or self._rows or self._prefilling:
                     return taken
                 if self._stopping:
                     return None
@@ -271,8 +304,9 @@ class BatchScheduler:
         if not self.max_queue_seconds:
             return
         now = time.monotonic()
-        while self._waiting and now - self._waiting[0].queued_at > self.max_queue_seconds:
-            job = self._waiting.popleft()
+        # With priorities the oldest request need not be first in line: look at every one.
+        for job in [j for j in self._waiting if now - j.queued_at > self.max_queue_seconds]:
+            self._waiting.remove(job)
             self._forget(job)
             self.metrics.rejections.labels("queue_timeout").inc()
             job.post(Failed(NotReady(
@@ -280,42 +314,75 @@ class BatchScheduler:
                 f"of {self.max_queue_seconds:g} s (--max-queue-seconds); retry later", "queue_timeout")))
 
     def _start(self, job: Job) -> None:
+        """Queue the job's prompts for prefill; its rows join the batch as their prompts are in."""
         job.started_at = time.monotonic()
         job.post(Started(job.started_at - job.queued_at))
         self.metrics.queue_wait.observe(job.started_at - job.queued_at)
-        rows: list[ServedRow] = []
         request = job.request
         try:
+            pending = []
             for index, spec in enumerate(request.rows):
                 embeds = request.embed(spec.prompt_ids) if request.embed else None
-                row = start_row(self.engine, self.tokenizer, spec.prompt_ids, request.settings, spec.seed, embeds)
-                rows.append(ServedRow(job, index, row))
-                self.metrics.prompt_tokens.inc(len(spec.prompt_ids))
+                prefill = PromptPrefill(self.engine, spec.prompt_ids, embeds, self.prefix_cache)
+                pending.append(_PendingRow(job, index, prefill))
         except Exception as exc:  # this request's fault (its prompt, its embedding) or ours: only it fails
-            self._abandon(job, rows, exc)
+            self._abandon(job, exc)
             return
-        job.open_rows = len(rows)
-        self._rows.extend(rows)
-        self.metrics.running_rows.set(len(self._rows))
+        job.open_rows = len(pending)
+        self._prefilling.extend(pending)
         self.metrics.running_requests.inc()
 
-    def _abandon(self, job: Job, rows: list[ServedRow], error: Exception) -> None:
+    def _abandon(self, job: Job, error: Exception) -> None:
         job.post(Failed(error))  # first, so the request hears nothing that follows
-        for served in rows:
-            self.engine.release(served.row.engine_row)
         with self._cond:
             self._reserved -= len(job.request.rows)
             self._forget(job)
             self._promote()
 
+    def _prefill_some(self) -> None:
+        """Feed waiting prompts to the engine, in order, up to one step's budget of tokens (all of them when
+        chunking is off); a row whose prompt is in joins the batch."""
+        budget = self.prefill_chunk * self.prefill_chunks_per_step
+        while self._prefilling and (not self.prefill_chunk or budget > 0):
+            pending = self._prefilling[0]
+            try:
+                budget -= pending.prefill.advance(min(self.prefill_chunk, budget) if self.prefill_chunk else None)
+                if pending.prefill.logits is not None:
+                    self._join(pending)
+            except Exception as exc:  # its prompt or its settings: only its request fails
+                self._end_job(pending.job, Failed(exc))
+
+    def _join(self, pending: _PendingRow) -> None:
+        job, prefill = pending.job, pending.prefill
+        spec = job.request.rows[pending.index]
+        row = start_row(self.engine, self.tokenizer, spec.prompt_ids, job.request.settings, spec.seed,
+                        prefilled=(prefill.row, prefill.logits))
+        self._prefilling.remove(pending)
+        served = ServedRow(job, pending.index, row)
+        self._rows.append(served)
+        self.metrics.running_rows.set(len(self._rows))
+        self.metrics.prompt_tokens.inc(len(spec.prompt_ids))
+        if prefill.uses_cache:
+            self._cached_prompts[served] = spec.prompt_ids
+            self._count_cache_use(prefill.reused)
+
+    def _count_cache_use(self, reused: int) -> None:
+        metrics, cache = self.metrics, self.prefix_cache
+        metrics.prefix_cache_lookups.inc()
+        if reused:
+            metrics.prefix_cache_hits.inc()
+            metrics.prefix_cache_saved_tokens.inc(reused)
+        metrics.prefix_cache_hit_rate.set(cache.stats.hits / cache.stats.lookups)
+        metrics.prefix_cache_bytes.set(cache.nbytes)
+
     def _drop_cancelled(self) -> None:
-        for job in {row.job: None for row in self._rows if row.job.cancel_cause is not None}:
+        started = [*self._rows, *self._prefilling]
+        for job in {row.job: None for row in started if row.job.cancel_cause is not None}:
             if job.cancel_cause == "shutdown":
                 self._end_job(job, Failed(NotReady("the server shut down before the request finished",
                                                    "shutting_down")))
                 continue
-            for row in [r for r in self._rows if r.job is job]:
-                self._finish_row(row, "cancelled")
+            self._close_rows(job)
 
     def _step_or_fail(self) -> None:
         try:
@@ -333,7 +400,7 @@ class BatchScheduler:
                 self._forget(job)
         for job in waiting:
             job.post(Failed(error))
-        for job in {row.job: None for row in self._rows}:
+        for job in {row.job: None for row in [*self._rows, *self._prefilling]}:
             self._end_job(job, Failed(error))
 
     def _step(self) -> None:
@@ -354,11 +421,26 @@ class BatchScheduler:
                 self._finish_row(served, outcome.finish)
 
     def _finish_row(self, served: ServedRow, reason: str) -> None:
+        prompt = self._cached_prompts.pop(served, None)
+        if prompt is not None and reason != "cancelled":  # a finished row's text is the next turn's prompt
+            self.prefix_cache.store(self.engine, served.row.engine_row, prompt + served.row.ids)
+            self.metrics.prefix_cache_bytes.set(self.prefix_cache.nbytes)
         self.engine.release(served.row.engine_row)
         self._rows.remove(served)
         self.metrics.running_rows.set(len(self._rows))
+        # The id is forgotten before the request hears its end: a client that reacts to the answer at once
+        # (cancel again, resubmit with the same id) must find it gone.
+        self._close_row(served.job)
         served.finish(reason)
-        job = served.job
+
+    def _drop_pending(self, pending: _PendingRow) -> None:
+        """A row cancelled or failed before its prompt was in: it ends without text."""
+        pending.prefill.abandon()
+        self._prefilling.remove(pending)
+        self._close_row(pending.job)
+        pending.job.post(Finished(pending.index, "", (), "cancelled"))
+
+    def _close_row(self, job: Job) -> None:
         job.open_rows -= 1
         with self._cond:
             self._reserved -= 1
@@ -367,11 +449,16 @@ class BatchScheduler:
                 self._forget(job)
                 self._record_run(job)
 
-    def _end_job(self, job: Job, event: Failed) -> None:
-        """Fail a running job: its coroutine hears `event` first, then its rows leave the batch."""
-        job.post(event)
+    def _close_rows(self, job: Job) -> None:
         for row in [r for r in self._rows if r.job is job]:
             self._finish_row(row, "cancelled")
+        for pending in [p for p in self._prefilling if p.job is job]:
+            self._drop_pending(pending)
+
+    def _end_job(self, job: Job, event: Failed) -> None:
+        """Fail a started job: its coroutine hears `event` first, then its rows leave the batch."""
+        job.post(event)
+        self._close_rows(job)
 
     def _record_run(self, job: Job) -> None:
         self.metrics.running_requests.dec()

@@ -6,6 +6,7 @@ It is also the API other routers use (`app.state.service`): `await service.compl
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator
@@ -15,11 +16,15 @@ from pathlib import Path
 from rugpt.chat_format import ChatFormat
 from rugpt.errors import UsageError
 from rugpt.generation import Completion, GenerationSettings
+from rugpt.grammar import JsonGrammar
 from rugpt.models import LoadedModel
-from rugpt.serve.errors import APIError, api_error, bad_request
+from rugpt.sampling import TokenLogprobs
+from rugpt.scoring import Scorer
+from rugpt.serve.errors import APIError, api_error, bad_request, too_many
 from rugpt.serve.jobs import DecodeRequest, Event, Failed, Finished, Piece, RowSpec, Started
+from rugpt.serve.logprobs import TokenText
 from rugpt.serve.scheduler import BatchScheduler, Refused, Ticket
-from rugpt.serve.schemas import ChatMessage, SamplingRequest
+from rugpt.serve.schemas import ChatMessage, JsonSchemaFormat, ResponseFormat, SamplingRequest, TextFormat
 from rugpt.serve.settings import ServerSettings
 from rugpt.serve.trained import TrainedPrompts, unknown_prompt_message
 
@@ -54,6 +59,10 @@ class GenerationService:
         self.max_prompt_tokens = min(settings.max_prompt_tokens or self.context - 1, self.context - 1)
         self.model_id = settings.served_name or Path(loaded.name).name
         self.chat_format = ChatFormat.resolve(self.tokenizer)  # the same prompt `rugpt chat` builds
+        self.token_text = TokenText(self.tokenizer)
+        self._scorer: Scorer | None = None
+        self._scoring: asyncio.Semaphore | None = None  # one prompt-scoring forward at a time
+        self._scoring_waiting = 0
 
     def render_chat(self, messages: list[ChatMessage]) -> str:
         """A conversation as the model's prompt (rugpt.chat_format; OpenAI's 'developer' role is a system one)."""
@@ -87,6 +96,47 @@ class GenerationService:
             raise self._too_long(f"{len(ids)} tokens")
         return ids
 
+    def check_ids(self, ids: list[int], trained_prompt: str | None = None) -> list[int]:
+        """A prompt given as token ids (what lm-evaluation-harness sends), checked against the vocabulary."""
+        if trained_prompt is not None:
+            raise bad_request("a trained_prompt takes text prompts, not token ids", param="trained_prompt")
+        vocab = self.scheduler.engine.sampleable_vocab
+        if not ids:
+            raise bad_request("a prompt of token ids is empty: give at least one id", param="prompt")
+        if bad := [t for t in ids if not 0 <= t < vocab]:
+            raise bad_request(f"token id {bad[0]} is outside this model's vocabulary [0, {vocab})", param="prompt")
+        if len(ids) > self.max_prompt_tokens:
+            raise self._too_long(f"{len(ids)} tokens")
+        return ids
+
+    async def grammar(self, response_format: ResponseFormat | None) -> JsonGrammar | None:
+        """The grammar of OpenAI's response_format (None for plain text); a schema that cannot be enforced is a 400
+        naming llguidance's reason. Compiling can take a while for a big schema: off the event loop."""
+        if response_format is None or isinstance(response_format, TextFormat):
+            return None
+        spec = response_format.json_schema if isinstance(response_format, JsonSchemaFormat) else None
+        try:
+            return await asyncio.to_thread(JsonGrammar.from_response_format, self.tokenizer, response_format.type,
+                                           spec.schema_ if spec else None, spec.strict if spec else None)
+        except UsageError as exc:
+            param = "response_format.json_schema.schema" if spec else "response_format"
+            raise bad_request(str(exc), param=param, code="invalid_response_format") from None
+
+    async def prompt_logprobs(self, ids: list[int], top: int) -> list[TokenLogprobs | None]:
+        """Each prompt token's log-prob given those before it (None for the first), for echo; one forward pass
+        over the prompt with the loaded model (rugpt.scoring), one at a time, off the event loop."""
+        if self._scoring_waiting >= max(1, self.settings.max_waiting):
+            raise too_many(f"the server is busy: {self._scoring_waiting} prompts are already waiting to be scored; "
+                           f"retry later", None, "queue_full")
+        self._scoring = self._scoring or asyncio.Semaphore(1)
+        self._scorer = self._scorer or Scorer(self.loaded)
+        self._scoring_waiting += 1
+        try:
+            async with self._scoring:
+                return await asyncio.to_thread(self._scorer.prompt_logprobs, ids, top)
+        finally:
+            self._scoring_waiting -= 1
+
     def settings_from(self, body: SamplingRequest, max_tokens: int | None, extra_stop: tuple[str, ...] = ()
                       ) -> GenerationSettings:
         """GenerationSettings from OpenAI's fields and rugpt's extras; temperature 0 means greedy, as in OpenAI."""
@@ -106,8 +156,10 @@ class GenerationService:
             raise bad_request(str(exc)) from None
 
     def build(self, prompts: list[list[int]], settings: GenerationSettings, trained_prompt: str | None = None,
-              stream: bool = False, budget_given: bool = True) -> DecodeRequest:
-        """A decode request of `num_return_sequences` rows per prompt; row r samples with seed + r."""
+              stream: bool = False, budget_given: bool = True, *, logprobs: int | None = None,
+              grammar: JsonGrammar | None = None) -> DecodeRequest:
+        """A decode request of `num_return_sequences` rows per prompt; row r samples with seed + r. Its rows report
+        log-probs with `logprobs` alternatives (None: none) and are held to `grammar` (None: free text)."""
         if settings.num_beams > 1:
             raise bad_request("beam search (num_beams > 1, the 'precise' preset) is not served; "
                               "use greedy, balanced or creative", param="preset")
@@ -128,7 +180,8 @@ class GenerationService:
         per_row = [ids for ids in prompts for _ in range(settings.num_return_sequences)]
         specs = [RowSpec(ids, None if seed is None else seed + r) for r, ids in enumerate(per_row)]
         embed = self.prompts.embed if trained_prompt is not None and self.prompts is not None else None
-        row_settings = dataclasses.replace(settings.row_settings(), max_new_tokens=max_new)
+        row_settings = dataclasses.replace(settings.row_settings(), max_new_tokens=max_new, logprobs=logprobs,
+                                           grammar=grammar)
         return DecodeRequest(specs, row_settings, stream, embed)
 
     def _too_long(self, size: str) -> APIError:
@@ -137,10 +190,11 @@ class GenerationService:
 
     # --- following a submitted request --------------------------------------------------------------------------
 
-    def submit(self, request: DecodeRequest, key: str | None = None, request_id: str | None = None) -> Ticket:
-        """Queue `request`; raises APIError (429, 409, 503) when the scheduler cannot take it."""
+    def submit(self, request: DecodeRequest, key: str | None = None, request_id: str | None = None,
+               priority: int = 0) -> Ticket:
+        """Queue `request`, lower `priority` first; APIError (429, 409, 503) when the scheduler cannot take it."""
         try:
-            return self.scheduler.submit(request, key, request_id)
+            return self.scheduler.submit(request, key, request_id, priority=priority)
         except Refused as exc:
             raise api_error(exc) from None
 

@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from pydantic_core import PydanticUndefined
+
+from rugpt.engines import EngineChoice, describe_engines
 
 
 class ServerSettings(BaseModel):
@@ -17,8 +18,7 @@ class ServerSettings(BaseModel):
     model: str | None = Field(None, description="alias, hub id or local folder of the model (default: bundled)")
     served_name: str | None = Field(
         None, description="model id clients see in /v1/models and send as `model` (default: the model's name)")
-    engine: str = Field("auto", description="decode engine: auto, transformers, fast, fast-bf16, fast-fp16, fast-int8, "
-                                                  "llamacpp-f32, llamacpp-f16, llamacpp-q8")
+    engine: EngineChoice = Field(EngineChoice.auto, description="decode engine — " + describe_engines())
     device: str | None = Field(None, description="torch device (default: cuda if available, else cpu)")
     # security: loopback by default, so a model is never exposed to a network by accident.
     host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 exposes the server to the network")
@@ -35,6 +35,15 @@ class ServerSettings(BaseModel):
     max_inflight_per_key: int = Field(
         0, ge=0, description="most requests of one API key running or waiting at once; more get 429 (0: no limit)")
     request_timeout: float = Field(300.0, gt=0, description="seconds a request may take in all, waiting included")
+    prefix_cache_mb: float = Field(
+        256.0, ge=0, description="memory for the keys and values of computed prompts, reused by prompts that "
+                                 "start the same (a conversation's next turn, a shared system prompt); 0: off")
+    prefill_chunk: int = Field(
+        256, ge=0, description="a prompt enters in chunks of this many tokens, between decode steps of the "
+                               "running rows, so they keep going while it arrives (0: whole prompts at once)")
+    prefill_chunks_per_step: int = Field(
+        1, ge=1, description="prompt chunks between two decode steps: more lets prompts in sooner, fewer "
+                             "keeps the gaps between running rows' tokens shorter")
     max_prompt_tokens: int | None = Field(
         None, ge=1, description="longest prompt in tokens (default: the model's context minus one)")
     max_tokens_limit: int = Field(1024, ge=1, description="largest `max_tokens` a request may ask for")
@@ -47,7 +56,7 @@ class ServerSettings(BaseModel):
     shutdown_grace: float = Field(
         10.0, ge=0, description="seconds running requests may finish at shutdown before they are failed")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
-        "info", description="uvicorn log level: critical, error, warning, info, debug")
+        "info", description="uvicorn's log level")
 
     @field_validator("api_keys")
     @classmethod
@@ -63,14 +72,3 @@ class ServerSettings(BaseModel):
         if folder is not None and not folder.expanduser().is_dir():
             raise ValueError(f"prompts_dir {str(folder)!r} is not a folder")
         return folder.expanduser() if folder is not None else None
-
-    @property
-    def auth_enabled(self) -> bool:
-        return bool(self.api_keys)
-
-
-def describe(name: str) -> str:
-    """A setting's help text, written once above, with its default; the CLI uses it for --help."""
-    field = ServerSettings.model_fields[name]
-    default = "" if field.default in (None, PydanticUndefined) else f" (default {field.default})"
-    return (field.description or "") + default

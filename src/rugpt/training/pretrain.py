@@ -62,12 +62,12 @@ class PretrainSettings:
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate (after warm-up)"})
     min_lr: float = field(default=1e-4, metadata={"help": "learning rate at the end of the cosine decay"})
     warmup_steps: int = field(default=200, metadata={"help": "steps of linear learning-rate warm-up"})
-    weight_decay: float = 0.1
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay on matrices"})
     minutes: float = field(default=95.0, metadata={"help": "wall-clock budget; the learning-rate schedule follows it"})
     max_steps: int = field(default=0, metadata={"help": "step budget instead of (or as well as) minutes; 0 = none"})
-    eval_every: int = 300
-    eval_blocks: int = 64
-    seed: int = 1234
+    eval_every: int = field(default=300, metadata={"help": "measure the held-out loss every N steps"})
+    eval_blocks: int = field(default=64, metadata={"help": "held-out blocks per measurement"})
+    seed: int = field(default=1234, metadata={"help": "random seed: initialisation and the blocks sampled"})
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast (fast on CPUs with AVX-512 bf16)"})
     threads: int = field(default=0, metadata={"help": "torch threads; 0 = torch's default"})
 

@@ -97,7 +97,7 @@ class FinetuneSettings:
     epochs: float = _opt(3.0, "passes over the training data (ignored when --max-steps is given)")
     max_steps: int = _opt(0, "optimizer steps to train; 0 = as many as --epochs takes")
     lr: float | None = _opt(None, "peak learning rate; default 5e-5 for full, 2e-4 for LoRA")
-    schedule: Schedule = _opt(Schedule.cosine, "learning-rate decay after warm-up: cosine, linear or constant")
+    schedule: Schedule = _opt(Schedule.cosine, "how the learning rate decays after warm-up")
     warmup_steps: int | None = _opt(None, "steps of linear warm-up; default 5% of the steps")
     weight_decay: float = _opt(0.0, "AdamW weight decay on matrices")
     batch_size: int = _opt(8, "sequences per optimizer step, over all processes (the same on 1 or N processes)")
