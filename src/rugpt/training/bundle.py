@@ -111,7 +111,9 @@ def training_stages(run_dir: Path, state: dict, previous: dict | None) -> list[d
     record = run_dir / "settings.json"
     settings = json.loads(record.read_text()) if record.is_file() else {}
     stage = {"steps": state["step"], "tokens_seen": state["tokens_seen"], "minutes": round(state["elapsed"] / 60, 1),
-             "init_from": settings.get("init_from"), "lr": settings.get("lr"), "block_size": settings.get("block_size")}
+             "init_from": settings.get("init_from"), "lr": settings.get("lr"), "min_lr": settings.get("min_lr"),
+             "warmup_steps": settings.get("warmup_steps"), "budget_minutes": settings.get("minutes"),
+             "block_size": settings.get("block_size")}
     if not settings.get("init_from") or previous is None:
         return [stage]
     before = previous.get("stages") or [{"steps": previous["steps"], "tokens_seen": previous["tokens_seen"],
@@ -209,7 +211,6 @@ ruGPT-3 (`rugpt generate --model small ...`).
 ```
 rugpt train-tokenizer --corpus ../shared/data/ruslit
 {recipe}
-rugpt export-bundled
 ```
 
 ## Samples (default preset, seed 0)
@@ -221,9 +222,11 @@ All 20 fixed prompts, beside the previous edition's continuations: [{SAMPLES_FIL
 
 def _stage_command(index: int, stage: dict) -> str:
     if not stage.get("init_from"):
-        return f"rugpt pretrain --minutes {stage.get('minutes', 95)}"
+        return f"rugpt pretrain --minutes {stage.get('minutes', 95)}\nrugpt export-bundled"
     return (f"rugpt pretrain --out runs/bundled{index + 1} --init-from {stage['init_from']} --tokenizer src/rugpt/bundled "
-            f"--lr {stage['lr']} --short-until 0 --minutes {stage['minutes']}  # continued pre-training")
+            f"--lr {stage['lr']} --min-lr {stage.get('min_lr')} --warmup-steps {stage.get('warmup_steps')} "
+            f"--short-until 0 --minutes {stage.get('budget_minutes', stage['minutes'])}  # continued pre-training\n"
+            f"rugpt export-bundled --run runs/bundled{index + 1}")
 
 
 def _comparison(metrics: dict, previous: dict | None) -> str:
