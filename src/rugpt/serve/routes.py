@@ -42,7 +42,11 @@ from rugpt.serve.service import GenerationService, QueueUpdate
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{8,64}$")
 STARTED_AT = int(time.time())
 STREAMED = {200: {"description": "the completion, or with `stream: true` server-sent events of its chunks",
-                  "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+                  # Described per event, as SSE-aware clients and fuzzers read a stream: `data` holds one JSON
+                  # chunk, the last one `[DONE]`.
+                  "content": {"text/event-stream": {"schema": {
+                      "type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"},
+                                                       "id": {"type": "string"}, "retry": {"type": "integer"}}}}}}}
 
 
 def service_of(request: Request) -> GenerationService:
