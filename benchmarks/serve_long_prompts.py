@@ -30,8 +30,8 @@ from pathlib import Path
 import httpx
 import torch
 from decode_speed import QUICK, SMALL, build_model, cpu_name
-from serve_prefix_cache import BEGINNING, start_server
-from serve_throughput import percentile, stop_server
+from serve_prefix_cache import BEGINNING
+from serve_throughput import percentile, start_server, stop_server, write_report
 
 ROOT = Path(__file__).resolve().parent
 CLIENTS = 4
@@ -150,10 +150,7 @@ def main() -> None:
         "designs": {name: " ".join(options) for name, options in DESIGNS.items()},
         "results": results, "summary": summary(results),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1, ensure_ascii=False))
-    print(json.dumps(report["summary"]))
-    print(f"wrote {out}")
+    write_report(out, report)
 
 
 if __name__ == "__main__":

@@ -22,15 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import torch
 from decode_speed import QUICK, SMALL, build_model, cpu_name
-from serve_throughput import free_port, stop_server
+from serve_throughput import start_server, stop_server, write_report
 
 ROOT = Path(__file__).resolve().parent
 BEGINNING = ("Ты просыпаешься на холодном каменном полу древнего храма. Сквозь трещины в своде падает бледный "
@@ -42,30 +40,6 @@ ACTIONS = ["осмотреться", "открыть сумку", "взять о
            "позвать на помощь", "идти на звук воды", "напиться из ручья", "обойти колонну", "поднять камень",
            "бросить камень в темноту", "отметить путь на карте", "подняться на галерею", "выйти к свету"]
 CACHE_MB = {"cache": None, "no-cache": 0}  # --prefix-cache-mb of each design; None: the server's default
-
-
-def start_server(folder: Path, threads: int, *options: str) -> tuple[subprocess.Popen, str]:
-    """`rugpt serve` of `folder` on the fast engine in a subprocess with extra `options`; returns it and its URL
-    once /health answers 200."""
-    port = free_port()
-    cmd = [sys.executable, "-c", "from rugpt.cli import main; main()", "serve", "--model", str(folder),
-           "--engine", "fast", "--port", str(port), "--max-queue-seconds", "0", "--request-timeout", "900",
-           "--max-tokens-limit", "2048", "--no-play", *options]
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited: {process.stderr.read()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    stop_server(process)
-    raise RuntimeError("the server did not become healthy within 180 s")
 
 
 def streamed_completion(client: httpx.Client, prompt: str, max_tokens: int) -> tuple[float, str, int]:
@@ -176,10 +150,7 @@ def main() -> None:
                     for name, mb in CACHE_MB.items()},
         "results": rows, "summary": summary(rows),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1, ensure_ascii=False))
-    print(json.dumps(report["summary"]))
-    print(f"wrote {out}")
+    write_report(out, report)
 
 
 if __name__ == "__main__":

@@ -41,12 +41,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(folder: Path, max_batch: int, threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(folder: Path, threads: int, *options: str) -> tuple[subprocess.Popen, str]:
     """`rugpt serve` in a subprocess on 127.0.0.1; returns it and its base URL once /health answers 200."""
     port = free_port()
     cmd = [sys.executable, "-c", "from rugpt.cli import main; main()", "serve", "--model", str(folder),
-           "--engine", "fast", "--port", str(port), "--max-batch", str(max_batch), "--max-waiting", "64",
-           "--max-queue-seconds", "0", "--request-timeout", "900", "--max-tokens-limit", "2048"]
+           "--engine", "fast", "--port", str(port), "--max-queue-seconds", "0", "--request-timeout", "900",
+           "--max-tokens-limit", "2048", "--no-play", *options]
     env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -62,6 +62,14 @@ def start_server(folder: Path, max_batch: int, threads: int) -> tuple[subprocess
         time.sleep(0.3)
     stop_server(process)
     raise RuntimeError("the server did not become healthy within 180 s")
+
+
+def write_report(out: Path, report: dict) -> None:
+    """The run's JSON to `out`, its summary to stdout."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1, ensure_ascii=False))
+    print(json.dumps(report["summary"]))
+    print(f"wrote {out}")
 
 
 def stop_server(process: subprocess.Popen) -> None:
@@ -111,7 +119,8 @@ def percentile(sorted_values: list[float], p: float) -> float:
 def measure(folder: Path, args) -> list[dict]:
     """Both designs served at once (an idle server costs nothing); for each client count they run back to back,
     so both see the same conditions on a machine shared with other work."""
-    servers = {design: start_server(folder, size, args.threads) for design, size in DESIGNS.items()}
+    servers = {design: start_server(folder, args.threads, "--max-batch", str(size), "--max-waiting", "64")
+               for design, size in DESIGNS.items()}
     try:
         for _, url in servers.values():
             asyncio.run(run_clients(url, 1, 1, 8))  # warm-up: first-call allocations, lazy imports
@@ -165,10 +174,7 @@ def main() -> None:
         "designs": {name: f"--max-batch {size}" for name, size in DESIGNS.items()},
         "results": results, "summary": summary(results),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1, ensure_ascii=False))
-    print(json.dumps(report["summary"]))
-    print(f"wrote {out}")
+    write_report(out, report)
 
 
 if __name__ == "__main__":
