@@ -2,12 +2,16 @@
 in plain PEFT on the float model."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from _finetune_helpers import one_torch_thread, poems_txt, tiny_gpt2  # noqa: F401  (autouse fixture)
+from _finetune_helpers import poems_txt, tiny_gpt2
 
+from rugpt.training import quantized
 from rugpt.training.quantized import Int8Linear, load_int8_base, quantize_linears, quantize_rows
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is fastest
 
 
 def test_rows_round_to_within_half_a_step():
@@ -58,6 +62,33 @@ def test_streaming_loader_quantizes_while_reading(tiny_model_dir):
     assert len(layers) == 8 and all(m.weight.dtype == torch.int8 for m in layers)
     assert loaded.model.lm_head.weight is loaded.model.transformer.wte.weight  # still tied
     assert not any(t.is_meta for t in loaded.model.parameters())
+
+
+def mapped_kb(path: Path) -> int:
+    """Resident kB of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if fields and "-" in fields[0] and not fields[0].endswith(":"):
+                inside = line.rstrip().endswith(str(path))
+            elif inside and line.startswith("Rss:"):
+                total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc/self/smaps")
+def test_streaming_loader_keeps_no_read_tensor_of_the_file_resident(tmp_path, monkeypatch):
+    folder = tiny_gpt2(tmp_path / "base", n_embd=256)  # an 8 MB embedding and two 3 MB blocks, in one file
+    [file] = folder.glob("*.safetensors")
+    resident = []
+    place = quantized._place
+    monkeypatch.setattr(quantized, "_place", lambda *args: (resident.append(mapped_kb(file)), place(*args))[1])
+    load_int8_base(str(folder))
+    assert len(resident) > 10 and file.stat().st_size > 10 * 2**20
+    # Before each tensor is placed, what the earlier ones left: the pages the kernel maps around each read
+    # (fault-around, readahead), not the tensors read so far (they would pass 6 MB here).
+    assert max(resident) < 1024, resident
 
 
 def test_lora_over_int8_trains_and_its_adapter_loads_in_plain_peft(tmp_path):

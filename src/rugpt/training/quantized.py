@@ -107,11 +107,13 @@ def quantize_linears(model: torch.nn.Module) -> int:
 def load_int8_base(name: str | None):
     """Load `name` (alias, hub id or folder) with its blocks' linear weights quantized to int8 as they are read,
     one tensor at a time: memory peaks near the int8 model plus one float tensor, never the float model (the
-    model is built on the meta device and each tensor from the files takes its place). Returns LoadedModel."""
+    model is built on the meta device and each tensor from the files takes its place, and the file's pages
+    under it are dropped once it is in: a mapped shard would otherwise stay resident). Returns LoadedModel."""
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from rugpt.architectures import register
+    from rugpt.engines.memory import release_file_pages
     from rugpt.errors import ModelNotFound
     from rugpt.models import LoadedModel, checkpoint_folder, load_tokenizer, resolve
     from rugpt.special_tokens import resolve_special_ids
@@ -132,7 +134,9 @@ def load_int8_base(name: str | None):
                 for stored in f.keys():
                     key = stored if stored in names else prefix + stored
                     if key in names:
-                        _place(model, key, f.get_tensor(stored))
+                        tensor = f.get_tensor(stored)  # a view of the file's mapping
+                        _place(model, key, tensor)
+                        release_file_pages(tensor)  # copied or quantized: its pages need not stay resident
     model.tie_weights()
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if missing:
