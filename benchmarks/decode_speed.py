@@ -86,9 +86,9 @@ def bandwidth_gb_s(megabytes: int = 1024, repeats: int = 5) -> dict[str, float]:
     return {"copy": best(lambda: dst.copy_(src)), "read": best(src.sum)}
 
 
-def prompts(batch: int) -> list[list[int]]:
+def prompts(batch: int, length: int = PROMPT_TOKENS) -> list[list[int]]:
     gen = torch.Generator().manual_seed(1)
-    return [torch.randint(1, 8000, (PROMPT_TOKENS,), generator=gen).tolist() for _ in range(batch)]
+    return [torch.randint(1, 8000, (length,), generator=gen).tolist() for _ in range(batch)]
 
 
 def run_transformers(folder: Path, dtype: str, batch: int) -> float:
@@ -110,36 +110,45 @@ def run_transformers(folder: Path, dtype: str, batch: int) -> float:
 
 
 def run_rugpt(folder: Path, engine: str, batch: int) -> float:
-    """Seconds for rugpt's generation path (Generator.decode: engine + sampler) on `batch` prompts."""
-    from rugpt.generation import GenerationSettings, Generator
-
     if engine == "fast-torch-step":
         os.environ["RUGPT_NATIVE"] = "0"
         engine = "fast"
-    generator = Generator(str(folder), engine=engine)
-    settings = GenerationSettings.from_preset("greedy", no_repeat_ngram_size=0, max_new_tokens=NEW_TOKENS)
+    return rugpt_generate_seconds(folder, engine, batch)
+
+
+def rugpt_generate_seconds(model: Path, engine: str, batch: int) -> float:
+    """Seconds for rugpt's generation path (Generator.decode: engine + sampler) on `batch` prompts, NEW_TOKENS
+    each (best of 2 after a warm-up); `model` is a folder or a GGUF file."""
+    from rugpt.generation import GenerationSettings, Generator
+
+    generator = Generator(str(model), engine=engine)
     rows = prompts(batch)
 
-    def once(s: GenerationSettings) -> float:
+    def once(new_tokens: int) -> float:
+        settings = GenerationSettings.from_preset("greedy", no_repeat_ngram_size=0, max_new_tokens=new_tokens)
         start = time.perf_counter()
-        produced = sum(1 for _, token, _ in generator.decode(rows, s) if token is not None)
-        elapsed = time.perf_counter() - start
-        assert produced == batch * s.max_new_tokens, produced
-        return elapsed
+        produced = sum(1 for _, token, _ in generator.decode(rows, settings) if token is not None)
+        assert produced == batch * new_tokens, produced
+        return time.perf_counter() - start
 
-    once(GenerationSettings.from_preset("greedy", no_repeat_ngram_size=0, max_new_tokens=4))
-    return min(once(settings) for _ in range(2))
+    once(4)
+    return min(once(NEW_TOKENS) for _ in range(2))
 
 
 def run_llama_cpp(folder: Path, gguf_type: str, batch: int) -> float:
-    """Seconds for llama-cpp-python's `Llama.generate` (greedy, its own sampler) on one prompt."""
-    from llama_cpp import Llama
-
     from rugpt.engines.gguf_convert import convert
 
     assert batch == 1, "llama-cpp-python's high-level API decodes one sequence"
+    return llama_generate_seconds(convert(folder, gguf_type))
+
+
+def llama_generate_seconds(gguf: Path) -> float:
+    """Seconds for llama-cpp-python's own `Llama.generate` loop (greedy, its own sampler) on one prompt,
+    NEW_TOKENS tokens (best of 2 after a warm-up)."""
+    from llama_cpp import Llama
+
     threads = torch.get_num_threads()
-    llm = Llama(model_path=str(convert(folder, gguf_type)), n_ctx=PROMPT_TOKENS + NEW_TOKENS + 8, n_batch=PROMPT_TOKENS,
+    llm = Llama(model_path=str(gguf), n_ctx=PROMPT_TOKENS + NEW_TOKENS + 8, n_batch=PROMPT_TOKENS,
                 n_threads=threads, n_threads_batch=threads, verbose=False)
     ids = prompts(1)[0]
 

@@ -38,11 +38,23 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_speed import QUICK, SMALL, bandwidth_gb_s, build_model, cpu_name, peak_rss_mb  # noqa: E402
+from decode_speed import (  # noqa: E402
+    NEW_TOKENS,
+    PROMPT_TOKENS,
+    QUICK,
+    SMALL,
+    bandwidth_gb_s,
+    build_model,
+    cpu_name,
+    llama_generate_seconds,
+    peak_rss_mb,
+    prompts,
+    rugpt_generate_seconds,
+)
 
 ROOT = Path(__file__).resolve().parent
 SHARED_DATA = ROOT.parent.parent / "shared" / "data"
-PROMPT_TOKENS, NEW_TOKENS, PREFILL_TOKENS = 64, 128, 1024
+PREFILL_TOKENS = 1024
 SHAPE_13B = dict(n_layer=40, n_embd=5120, vocab_size=50272)
 QUICK_13B = dict(n_layer=40, n_embd=512, vocab_size=8000)  # --quick: the same measurement on a small layer
 FORMAT_BYTES = {"int8": 1.0, "q4": 4.5 / 8}  # bytes per weight (q4: 4 bits + fp16 scale and minimum per 64)
@@ -53,11 +65,6 @@ DECODE_CASES = [("rugpt", "fast-int8", 1), ("rugpt", "fast-int8", 8), ("rugpt", 
                 ("rugpt-gguf", "q4_0", 8), ("rugpt-gguf", "q4_K_M", 8)]
 PREFILL_CASES = [("transformers", "bf16"), ("rugpt", "fast"), ("rugpt", "fast-bf16"), ("rugpt", "fast-int8"),
                  ("rugpt", "fast-q4"), ("llama-cpp-python", "q4_0")]
-
-
-def prompts(batch: int, length: int = PROMPT_TOKENS) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(1)
-    return [torch.randint(1, 8000, (length,), generator=gen).tolist() for _ in range(batch)]
 
 
 def llama_gguf(folder: Path, kind: str) -> Path:
@@ -75,44 +82,6 @@ def llama_gguf(folder: Path, kind: str) -> Path:
         if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params) != 0:
             raise RuntimeError(f"llama.cpp could not quantize {source} to {kind}")
     return target
-
-
-def decode_rugpt(folder: Path, engine: str, batch: int) -> float:
-    """Seconds for rugpt's generation path (engine + sampler) on `batch` prompts; `folder` may be a GGUF file."""
-    from rugpt.generation import GenerationSettings, Generator
-
-    generator = Generator(str(folder), engine=engine)
-    rows = prompts(batch)
-
-    def once(new_tokens: int) -> float:
-        settings = GenerationSettings.from_preset("greedy", no_repeat_ngram_size=0, max_new_tokens=new_tokens)
-        start = time.perf_counter()
-        produced = sum(1 for _, token, _ in generator.decode(rows, settings) if token is not None)
-        assert produced == batch * new_tokens, produced
-        return time.perf_counter() - start
-
-    once(4)
-    return min(once(NEW_TOKENS) for _ in range(2))
-
-
-def decode_llama(folder: Path, kind: str, batch: int) -> float:
-    """Seconds for llama-cpp-python's own `generate` loop (greedy) on one prompt."""
-    from llama_cpp import Llama
-
-    threads = torch.get_num_threads()
-    llm = Llama(model_path=str(llama_gguf(folder, kind)), n_ctx=PROMPT_TOKENS + NEW_TOKENS + 8,
-                n_batch=PROMPT_TOKENS, n_threads=threads, n_threads_batch=threads, verbose=False)
-    ids = prompts(1)[0]
-
-    def once(new_tokens: int) -> float:
-        start = time.perf_counter()
-        for produced, _ in enumerate(llm.generate(ids, top_k=1, temp=0.0, reset=True), start=1):
-            if produced == new_tokens:
-                break
-        return time.perf_counter() - start
-
-    once(4)
-    return min(once(NEW_TOKENS) for _ in range(2))
 
 
 def prefill_seconds(folder: Path, kind: str, variant: str, tokens: int) -> float:
@@ -204,11 +173,11 @@ def child(args) -> None:
         result = {"seconds": seconds, "tokens_per_s": args.batch / seconds}
     else:
         if args.kind == "rugpt-gguf":
-            seconds = decode_rugpt(llama_gguf(folder, args.variant), "auto", args.batch)
+            seconds = rugpt_generate_seconds(llama_gguf(folder, args.variant), "auto", args.batch)
         elif args.kind == "llama-cpp-python":
-            seconds = decode_llama(folder, args.variant, args.batch)
+            seconds = llama_generate_seconds(llama_gguf(folder, args.variant))
         else:
-            seconds = decode_rugpt(folder, args.variant, args.batch)
+            seconds = rugpt_generate_seconds(folder, args.variant, args.batch)
         result = {"seconds": seconds, "tokens_per_s": args.batch * NEW_TOKENS / seconds}
     print(json.dumps(result | {"peak_rss_mb": peak_rss_mb()}))
 

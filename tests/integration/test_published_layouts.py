@@ -18,6 +18,8 @@ from rugpt.errors import UsageError
 from rugpt.generation import GenerationSettings, Generator
 from rugpt.models import load
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is fastest
+
 # layout → (builder, (pad, bos, eos) the loaded tokenizer must say, end-of-text token)
 LAYOUTS = {
     "small-2023": (build_small_2023, (0, 1, 2), "</s>"),
@@ -40,14 +42,6 @@ def layout(request, tmp_path_factory):
     folder = builder(tmp_path_factory.mktemp(request.param))
     loaded = load(str(folder), device="cpu")
     return request.param, folder, loaded, ids, end
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def is_xl(loaded) -> bool:

@@ -14,6 +14,8 @@ from rugpt.engines import create_engine
 from rugpt.generation import GenerationSettings, Generator
 from rugpt.models import BUNDLED_DIR, load
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is fastest
+
 LAYOUTS = {"small-2023": build_small_2023, "large": build_large, "old-config-finetune": build_old_finetune,
            "ruGPT-3.5-sharded": build_13b_sharded}
 PROMPT = "Мороз и солнце; день чудесный!"
@@ -24,14 +26,6 @@ TRAINED_VOCAB = 400  # every layout's tokenizer (tests/layouts.build_tokenizer);
 def layout(request, tmp_path_factory):
     folder = LAYOUTS[request.param](tmp_path_factory.mktemp(request.param))
     return folder, load(str(folder), device="cpu")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_generates_on_every_layout_without_padded_rows(layout):

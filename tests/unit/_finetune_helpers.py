@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
 from rugpt.models import BUNDLED_DIR
@@ -14,22 +13,14 @@ POEM_LINES = ["Мороз и солнце; день чудесный!", "Еще 
               "Открой сомкнуты негой взоры", "Навстречу северной Авроры,", "Звездою севера явись!"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models train fastest on one thread, and far faster when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_gpt2(folder: Path, dropout: float = 0.0, n_positions: int = 64, seed: int = 0) -> Path:
-    """A 2-layer, width-32 GPT-2 with the bundled tokenizer (default init, so losses start near ln(vocab))."""
+def tiny_gpt2(folder: Path, dropout: float = 0.0, n_positions: int = 64, seed: int = 0, n_embd: int = 32) -> Path:
+    """A 2-layer GPT-2 (width 32 unless told) with the bundled tokenizer (default init, so losses start near
+    ln(vocab))."""
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
     tokenizer = AutoTokenizer.from_pretrained(BUNDLED_DIR)
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=32, n_layer=2, n_head=2,
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd, n_layer=2, n_head=2,
                         resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
     GPT2LMHeadModel(config).save_pretrained(folder)

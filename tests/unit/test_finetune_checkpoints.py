@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 from _finetune_helpers import (
-    one_torch_thread,  # noqa: F401  (autouse fixture)
     tiny_gpt2,
 )
 
@@ -19,6 +18,8 @@ from rugpt.training.checkpoints import (
     remove_partial,
     save_checkpoint,
 )
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is fastest
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,13 @@ import pytest
 import torch
 from _finetune_helpers import (
     metrics,
-    one_torch_thread,  # noqa: F401  (autouse fixture)
     poems_txt,
     tiny_gpt2,
 )
 
 from rugpt.training.finetune import finetune
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is fastest
 
 # Dropout is on (0.1): matching losses show that dropout, like data order, follows seed and step alone.
 SETTINGS = {"block_size": 32, "batch_size": 4, "micro_batch_size": 2, "max_steps": 30, "eval_every": 10,

@@ -6,7 +6,6 @@ import pytest
 import torch
 from _finetune_helpers import (
     metrics,
-    one_torch_thread,  # noqa: F401  (autouse fixture)
     poems_txt,
     qa_jsonl,
     tiny_gpt2,
@@ -15,6 +14,8 @@ from typer.testing import CliRunner
 
 from rugpt.cli import app
 from rugpt.training.finetune import finetune
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is fastest
 
 FAST = {"block_size": 32, "batch_size": 4, "max_steps": 6, "eval_every": 3, "save_every": 3, "lr": 1e-3}
 FAST_ARGS = ["--block-size", "32", "--batch-size", "4", "--max-steps", "6", "--eval-every", "3", "--save-every", "3",

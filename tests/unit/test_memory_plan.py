@@ -6,7 +6,6 @@ import json
 import pytest
 from _finetune_helpers import (
     measured_and_estimated_peak,
-    one_torch_thread,  # noqa: F401  (autouse fixture)
     poems_txt,
 )
 from typer.testing import CliRunner
@@ -16,6 +15,8 @@ from rugpt.errors import UsageError
 from rugpt.training.memory import ModelShape, RunShape, measure_activations
 from rugpt.training.plan import choose_plan
 from rugpt.training.settings import FinetuneSettings, Optimizer, parse_size
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is fastest
 
 GB = 10**9
 

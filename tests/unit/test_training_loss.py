@@ -3,7 +3,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from _finetune_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 
 from rugpt.training.loss import (
     IGNORE_INDEX,
@@ -14,6 +13,8 @@ from rugpt.training.loss import (
     next_token_loss,
     shift_labels,
 )
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is fastest
 
 
 def plain(hidden, weight, labels, reduction):

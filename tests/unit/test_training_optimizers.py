@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-from _finetune_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 
 from rugpt.errors import UsageError
 from rugpt.training.optimizers import decays, make_optimizer, parameter_groups, unavailable
 from rugpt.training.settings import Optimizer
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is fastest
 
 
 def test_decay_falls_on_matrices_but_not_biases_norms_or_position_tables(tiny):

@@ -5,10 +5,11 @@ import json
 import random
 
 import pytest
-from _finetune_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 
 from rugpt.errors import UsageError
 from rugpt.training.pretrain import PretrainSettings, corpus_folder, pretrain, train_recipe_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is fastest
 
 WORDS = "мороз солнце день чудесный еще ты дремлешь друг прелестный пора красавица проснись открой взоры".split()
 
