@@ -49,6 +49,9 @@ class SlowEngine:
                     logits[position] = float("nan")
         return logits
 
+    def extend(self, row, token_ids, all_logits=False):
+        return self._ban(self.inner.extend(row, token_ids, all_logits))
+
     def release(self, row):
         self.inner.release(row)
 

@@ -127,11 +127,12 @@ def test_fast_engine_refuses_other_architectures(tiny):
         tiny.model.config.scale_attn_by_inverse_layer_idx = False
 
 
-ROW_API_ENGINES = ["transformers", "fast", "fast-bf16", "fast-fp16", "fast-int8"]
+ROW_API_ENGINES = ["transformers", "fast", "fast-bf16", "fast-fp16", "fast-int8", "fast-q4"]
 # A step of 16-bit or int8 weights may run on the compiled kernel, a prefill or extend on torch's, and int8
 # quantizes a batch's activations together: results then depend on how tokens were grouped, by about as much
 # as the formats differ from fp32 (test_compressed_weights_stay_close).
-GROUPING_TOLERANCE = {"transformers": 1e-5, "fast": 1e-5, "fast-bf16": 0.1, "fast-fp16": 0.1, "fast-int8": 0.1}
+GROUPING_TOLERANCE = {"transformers": 1e-5, "fast": 1e-5, "fast-bf16": 0.1, "fast-fp16": 0.1, "fast-int8": 0.1,
+                      "fast-q4": 0.1}
 
 
 def assert_near(got: torch.Tensor, expected: torch.Tensor, choice: str) -> None:

@@ -209,3 +209,21 @@ def test_openapi_documents_every_status_the_routes_answer(tiny):
     assert "503" in spec["paths"]["/health"]["get"]["responses"]
     assert "422" not in json.dumps(spec["paths"])  # validation errors are 400 here
     assert set(spec["components"]["schemas"]["ErrorDetail"]["properties"]) == {"message", "type", "param", "code"}
+
+
+def test_speculating_server_answers_as_the_plain_one_with_logprobs_json_and_sampling(tiny):
+    pytest.importorskip("llguidance")
+    schema_format = {"type": "json_schema", "json_schema": {"name": "mood", "schema": MOOD, "strict": True}}
+    requests = [
+        ("/v1/completions", {"prompt": PROMPT + ", " + PROMPT, "max_tokens": 24, "temperature": 0, "logprobs": 2}),
+        ("/v1/completions", {"prompt": PROMPT, "max_tokens": 16, "temperature": 0.9, "seed": 5, "n": 2}),
+        ("/v1/chat/completions", {"messages": USER, "max_tokens": 40, "seed": 1, "response_format": schema_format}),
+        ("/v1/chat/completions", {"messages": USER, "max_tokens": 12, "temperature": 0, "logprobs": True,
+                                  "top_logprobs": 2}),
+    ]
+
+    def answers(**settings):
+        return [response.json()["choices"] for response in post_all(make_app(tiny, ban_eos=False, **settings),
+                                                                    *requests)]
+
+    assert answers(speculate="lookup") == answers()

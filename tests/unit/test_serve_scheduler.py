@@ -13,6 +13,7 @@ from rugpt.generation import GenerationSettings, Generator
 from rugpt.serve.errors import api_error
 from rugpt.serve.jobs import DecodeRequest, Failed, Finished, Piece, RowSpec, Started
 from rugpt.serve.scheduler import BatchScheduler, Busy, NotReady
+from rugpt.speculative import Speculator
 
 PROMPTS = ["Мой дядя самых честных правил", "Буря мглою небо кроет", "Ночь", "Я помню чудное мгновенье",
            "У лукоморья дуб зелёный", "Выхожу один я на дорогу"]
@@ -79,6 +80,29 @@ def test_batched_results_equal_results_alone_token_for_token(tiny):
         assert b_fail is None and s_fail is None
         assert [f.token_ids for f in b] == [f.token_ids for f in s]
         assert [f.text for f in b] == [f.text for f in s]
+
+
+def test_rows_that_speculate_give_the_same_tokens_as_plain_decoding_in_one_batch(bundled):
+    # the bundled model copies a quoted passage, so lookup drafts get accepted; the random rows rarely draft
+    quote = "Повтори слово в слово: «Мороз и солнце; день чудесный! Еще ты дремлешь, друг прелестный» —"
+    requests = [request_for(bundled, quote, max_new_tokens=30, repetition_penalty=1.0), *mixed_requests(bundled)]
+
+    async def main(speculator):
+        scheduler = make_scheduler(bundled, speculator=speculator)
+        tickets = [scheduler.submit(r) for r in requests]
+        results = [await outcome(t) for t in tickets]
+        await scheduler.stop(1)
+        return results, scheduler.metrics.render().decode()
+
+    (plain, _), (drafted, page) = run(main(None)), run(main(Speculator("lookup", bundled, "fast")))
+    for (p, _, p_fail), (d, _, d_fail) in zip(plain, drafted, strict=True):
+        assert p_fail is None and d_fail is None
+        assert [f.token_ids for f in d] == [f.token_ids for f in p]
+        assert [(f.text, f.reason) for f in d] == [(f.text, f.reason) for f in p]
+    assert metric(page, "rugpt_speculative_drafted_tokens_total") > 0
+    assert 0 < metric(page, "rugpt_speculative_accepted_tokens_total") <= metric(
+        page, "rugpt_speculative_drafted_tokens_total")
+    assert metric(page, "rugpt_generated_tokens_total") == sum(len(f.token_ids) for r, _, _ in plain for f in r)
 
 
 def test_greedy_rows_match_the_library_generator(tiny):

@@ -33,6 +33,7 @@ from rugpt.serve.schemas import Health
 from rugpt.serve.service import GenerationService
 from rugpt.serve.settings import ServerSettings
 from rugpt.serve.trained import TrainedPrompts
+from rugpt.speculative import Speculator
 
 log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
@@ -52,12 +53,14 @@ def create_app(settings: ServerSettings | None = None, *, loaded: LoadedModel | 
     prompts = TrainedPrompts.load(settings.prompts_dir, loaded) if settings.prompts_dir else None
     engine = engine or create_engine(loaded, settings.engine, max_rows=settings.max_batch)
     metrics = ServerMetrics()
+    speculator = Speculator(settings.speculate, loaded, settings.engine) if settings.speculate else None
     scheduler = BatchScheduler(engine, loaded.tokenizer, metrics, max_waiting=settings.max_waiting,
                                max_queue_seconds=settings.max_queue_seconds,
                                max_inflight_per_key=settings.max_inflight_per_key,
                                prefix_cache_bytes=int(settings.prefix_cache_mb * 2**20),
                                prefill_chunk=settings.prefill_chunk,
-                               prefill_chunks_per_step=settings.prefill_chunks_per_step)
+                               prefill_chunks_per_step=settings.prefill_chunks_per_step,
+                               speculator=speculator)
     service = GenerationService(settings, loaded, scheduler, prompts)
 
     @asynccontextmanager

@@ -43,6 +43,10 @@ class ServerMetrics:
                                            registry=r)
         self.prefix_cache_bytes = Gauge("rugpt_prefix_cache_bytes", "memory held by the prefix cache's blocks",
                                         registry=r)
+        self.drafted_tokens = Counter("rugpt_speculative_drafted_tokens", "draft tokens checked (--speculate)",
+                                      registry=r)
+        self.accepted_tokens = Counter("rugpt_speculative_accepted_tokens",
+                                       "draft tokens the model agreed with (--speculate)", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

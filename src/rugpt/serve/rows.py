@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from rugpt.decoding import RowDecoder, RowStep
 from rugpt.serve.jobs import Finished, Job, Piece
+from rugpt.speculative import SpeculatingRow
 
 
 class ServedRow:
-    """A row of `job` (its `index`-th sequence); touched by the decode thread only."""
+    """A row of `job` (its `index`-th sequence); touched by the decode thread only. `speculating` wraps `row`
+    when the server drafts (--speculate)."""
 
-    def __init__(self, job: Job, index: int, row: RowDecoder):
-        self.job, self.index, self.row = job, index, row
+    def __init__(self, job: Job, index: int, row: RowDecoder, speculating: SpeculatingRow | None = None):
+        self.job, self.index, self.row, self.speculating = job, index, row, speculating
         self.logprobs: list = []  # every token's, or a streamed row's not yet sent
 
     def report(self, step: RowStep) -> None:

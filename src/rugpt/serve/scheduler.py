@@ -33,13 +33,14 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from rugpt.decoding import RowStep, advance, start_row
+from rugpt.decoding import advance, start_row
 from rugpt.engines.base import DecodeEngine
 from rugpt.engines.prefill import PromptPrefill
 from rugpt.engines.prefix_cache import PrefixCache
 from rugpt.serve.jobs import DecodeRequest, Event, Failed, Finished, Job, Started
 from rugpt.serve.metrics import ServerMetrics
 from rugpt.serve.rows import ServedRow
+from rugpt.speculative import Speculator, advance_speculating
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +114,12 @@ class BatchScheduler:
 
     def __init__(self, engine: DecodeEngine, tokenizer, metrics: ServerMetrics | None = None, *,
                  max_waiting: int = 64, max_queue_seconds: float = 0.0, max_inflight_per_key: int = 0,
-                 prefix_cache_bytes: int = 0, prefill_chunk: int = 0, prefill_chunks_per_step: int = 1):
+                 prefix_cache_bytes: int = 0, prefill_chunk: int = 0, prefill_chunks_per_step: int = 1,
+                 speculator: Speculator | None = None):
         """`prefix_cache_bytes` 0 turns the prefix cache off (so does an engine that cannot export its KV);
-        `prefill_chunk` 0 prefills each prompt whole, before the next step."""
+        `prefill_chunk` 0 prefills each prompt whole, before the next step; with a `speculator` every row drafts,
+        in the rounds where a draft pays, and checks its drafts in one extend while the rows without drafts step
+        together."""
         self.engine, self.tokenizer = engine, tokenizer
         self.metrics = metrics or ServerMetrics()
         self.max_batch = engine.max_rows
@@ -123,6 +127,9 @@ class BatchScheduler:
         self.max_inflight_per_key = max_inflight_per_key
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes and engine.shares_kv else None
         self.prefill_chunk, self.prefill_chunks_per_step = prefill_chunk, prefill_chunks_per_step
+        self.speculator = speculator
+        if speculator is not None:
+            speculator.reserve(engine.max_rows)
         self._prefilling: list[_PendingRow] = []  # worker thread only, in order of admission
         self._cached_prompts: dict[ServedRow, list[int]] = {}  # rows whose whole text goes to the cache at the end
         self._cond = threading.Condition()
@@ -358,7 +365,10 @@ class BatchScheduler:
         row = start_row(self.engine, self.tokenizer, spec.prompt_ids, job.request.settings, spec.seed,
                         prefilled=(prefill.row, prefill.logits))
         self._prefilling.remove(pending)
-        served = ServedRow(job, pending.index, row)
+        speculating = None
+        if self.speculator is not None:
+            speculating = self.speculator.start(row, spec.prompt_ids, self.engine.sampleable_vocab)
+        served = ServedRow(job, pending.index, row, speculating)
         self._rows.append(served)
         self.metrics.running_rows.set(len(self._rows))
         self.metrics.prompt_tokens.inc(len(spec.prompt_ids))
@@ -405,8 +415,13 @@ class BatchScheduler:
 
     def _step(self) -> None:
         rows = list(self._rows)
-        outcomes = advance(self.engine, [served.row for served in rows])
-        if any(isinstance(o, RowStep) and o.finish is None for o in outcomes):
+        if self.speculator is None:
+            outcomes = [o if isinstance(o, Exception) else [o]
+                        for o in advance(self.engine, [served.row for served in rows])]
+        else:
+            outcomes = advance_speculating(self.engine, [served.speculating for served in rows],
+                                           self.speculator.costs)
+        if any(isinstance(o, list) and o[-1].finish is None for o in outcomes):
             self.metrics.steps.inc()
         for served, outcome in zip(rows, outcomes, strict=True):
             if served not in self._rows:  # its job already failed through another of its rows
@@ -414,11 +429,12 @@ class BatchScheduler:
             if isinstance(outcome, Exception):
                 self._end_job(served.job, Failed(outcome))
                 continue
-            if outcome.token is not None:
-                self.metrics.tokens.inc()
-            served.report(outcome)
-            if outcome.finish is not None:
-                self._finish_row(served, outcome.finish)
+            for step in outcome:
+                if step.token is not None:
+                    self.metrics.tokens.inc()
+                served.report(step)
+            if outcome[-1].finish is not None:
+                self._finish_row(served, outcome[-1].finish)
 
     def _finish_row(self, served: ServedRow, reason: str) -> None:
         prompt = self._cached_prompts.pop(served, None)
@@ -426,6 +442,10 @@ class BatchScheduler:
             self.prefix_cache.store(self.engine, served.row.engine_row, prompt + served.row.ids)
             self.metrics.prefix_cache_bytes.set(self.prefix_cache.nbytes)
         self.engine.release(served.row.engine_row)
+        if served.speculating is not None:
+            served.speculating.release()
+            self.metrics.drafted_tokens.inc(served.speculating.stats.drafted)
+            self.metrics.accepted_tokens.inc(served.speculating.stats.accepted)
         self._rows.remove(served)
         self.metrics.running_rows.set(len(self._rows))
         # The id is forgotten before the request hears its end: a client that reacts to the answer at once

@@ -44,6 +44,12 @@ class ServerSettings(BaseModel):
     prefill_chunks_per_step: int = Field(
         1, ge=1, description="prompt chunks between two decode steps: more lets prompts in sooner, fewer "
                              "keeps the gaps between running rows' tokens shorter")
+    speculate: str | None = Field(
+        None, min_length=1,
+        description="speculative decoding for every row: 'lookup' drafts from each row's prompt and text, or a "
+                    "smaller model of the same tokenizer (name or path, loaded at start) drafts; each row drafts "
+                    "only in rounds where its drafts are likely to pay, and gets the same text as without (greedy) "
+                    "or the same distribution (sampling)")
     max_prompt_tokens: int | None = Field(
         None, ge=1, description="longest prompt in tokens (default: the model's context minus one)")
     max_tokens_limit: int = Field(1024, ge=1, description="largest `max_tokens` a request may ask for")
