@@ -130,6 +130,26 @@ def test_cli_generates_from_the_folder_on_every_engine(layout):
         assert payload["completions"][0]["token_ids"]
 
 
+def test_speculative_lookup_gives_the_plain_greedy_text(layout):
+    from typer.testing import CliRunner
+
+    from rugpt.cli import app
+
+    _, folder, loaded, _, _ = layout
+    if is_gguf(loaded):
+        pytest.importorskip("llama_cpp")
+    generator = Generator(loaded)
+    greedy = dict(max_new_tokens=16, do_sample=False, repetition_penalty=1.0)
+    plain = generator.generate(PROMPT + " " + PROMPT, **greedy)
+    drafted = generator.generate(PROMPT + " " + PROMPT, speculate="lookup", **greedy)
+    assert drafted.completions[0].token_ids == plain.completions[0].token_ids
+    assert drafted.speculation is not None and plain.speculation is None
+    result = CliRunner().invoke(app, ["generate", PROMPT, "--model", str(folder), "--speculate", "lookup",
+                                      "--preset", "greedy", "--max-new-tokens", "6", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["completions"][0]["token_ids"]
+
+
 def test_generation_stops_at_the_models_own_end_of_text(layout):
     _, _, loaded, (_, _, eos), _ = layout
     generator = Generator(loaded, engine="transformers")
