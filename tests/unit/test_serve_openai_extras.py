@@ -226,4 +226,20 @@ def test_speculating_server_answers_as_the_plain_one_with_logprobs_json_and_samp
         return [response.json()["choices"] for response in post_all(make_app(tiny, ban_eos=False, **settings),
                                                                     *requests)]
 
-    assert answers(speculate="lookup") == answers()
+    drafted, plain = split_numbers(answers(speculate="lookup")), split_numbers(answers())
+    assert drafted[0] == plain[0]  # the same text, tokens, finish reasons and shapes
+    # log-probs of checked drafts come from an extend, the plain ones from a step: equal up to float rounding
+    assert drafted[1] == pytest.approx(plain[1], abs=1e-4)
+
+
+def split_numbers(value) -> tuple:
+    """(`value` with every float replaced by None, the floats in order)."""
+    if isinstance(value, float):
+        return None, [value]
+    if isinstance(value, dict):
+        parts = {key: split_numbers(item) for key, item in value.items()}
+        return {key: part[0] for key, part in parts.items()}, [n for part in parts.values() for n in part[1]]
+    if isinstance(value, list):
+        parts = [split_numbers(item) for item in value]
+        return [part[0] for part in parts], [n for part in parts for n in part[1]]
+    return value, []
