@@ -283,9 +283,8 @@ def quality(model_folder: Path, tokens: dict[str, int]) -> dict:
     """Held-out perplexity, fp32 against fast-int8 and fast-q4, through each engine's prefill and extend: the
     bundled model (trained: the number that matters) and the random benchmark model of ruGPT-3 small's shape
     (its perplexity is near its vocabulary size, so it only shows that the real shape loses nothing more)."""
-    import torch.nn.functional as F
-
     from rugpt.engines import create_engine
+    from rugpt.engines.base import perplexity
     from rugpt.models import BUNDLED_DIR, load
 
     sources = json.loads((BUNDLED_DIR / "metrics.json").read_text())["heldout_sources"]
@@ -300,16 +299,7 @@ def quality(model_folder: Path, tokens: dict[str, int]) -> dict:
         window = min(loaded.context_length - 1, 1023)
         rows = {}
         for engine_name in ("fast", "fast-int8", "fast-q4"):
-            engine = create_engine(loaded, engine_name, max_rows=1)
-            nll, count = 0.0, 0
-            for start in range(0, len(ids) - 2, window):
-                chunk = ids[start:start + window + 1]
-                row, first = engine.prefill(chunk[:1])
-                logits = torch.cat([first[None], engine.extend(row, chunk[1:-1], all_logits=True)])
-                nll += F.cross_entropy(logits.float(), torch.tensor(chunk[1:]), reduction="sum").item()
-                count += len(chunk) - 1
-                engine.release(row)
-            rows[engine_name] = math.exp(nll / count)
+            rows[engine_name] = perplexity(create_engine(loaded, engine_name, max_rows=1), ids, window)
         base = rows["fast"]
         report[name] = {"tokens": len(ids), "perplexity": {k: round(v, 3) for k, v in rows.items()},
                         "vs_fp32_percent": {k: round((v / base - 1) * 100, 2) for k, v in rows.items()}}

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
-import torch
-import torch.nn.functional as F
 
 from layouts import build_13b_sharded, build_large, build_old_finetune, build_small_2023
 from rugpt.engines import create_engine
+from rugpt.engines.base import perplexity
 from rugpt.generation import GenerationSettings, Generator
 from rugpt.models import BUNDLED_DIR, load
 
@@ -53,19 +51,6 @@ def test_cli_generates_with_fast_q4(layout):
     assert payload["engine"] == "fast-q4" and payload["completions"][0]["token_ids"]
 
 
-def _perplexity(engine, ids: list[int], window: int) -> float:
-    """Through the engine itself: each window prefilled from its first token, the rest appended at once."""
-    nll, count = 0.0, 0
-    for start in range(0, len(ids) - 2, window):
-        chunk = ids[start:start + window + 1]
-        row, first = engine.prefill(chunk[:1])
-        logits = torch.cat([first[None], engine.extend(row, chunk[1:-1], all_logits=True)])
-        nll += F.cross_entropy(logits.float(), torch.tensor(chunk[1:]), reduction="sum").item()
-        count += len(chunk) - 1
-        engine.release(row)
-    return math.exp(nll / count)
-
-
 def test_bundled_held_out_perplexity_within_5_percent_of_fp32(bundled, shared_data):
     """Measured on held-out texts the bundled model never trained on (bundled/metrics.json): +1.0% at 4,000 tokens
     when this test was written (benchmarks/q4_speed.py measures 40,000)."""
@@ -75,5 +60,5 @@ def test_bundled_held_out_perplexity_within_5_percent_of_fp32(bundled, shared_da
         pytest.skip("the held-out texts are not in the shared data")
     text = "\n\n".join(path.read_text(encoding="utf-8")[:3000] for path in texts)
     ids = bundled.tokenizer(text)["input_ids"][:3000]
-    fp32, q4 = (_perplexity(create_engine(bundled, name, max_rows=1), ids, 511) for name in ("fast", "fast-q4"))
+    fp32, q4 = (perplexity(create_engine(bundled, name, max_rows=1), ids, 511) for name in ("fast", "fast-q4"))
     assert q4 / fp32 - 1 < 0.05, (fp32, q4)

@@ -13,6 +13,7 @@ computed prompts; `shares_kv` says whether an engine can.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 
 import torch
@@ -164,3 +165,19 @@ class DecodeEngine(ABC):
 
     @abstractmethod
     def _release(self, row: int) -> None: ...
+
+
+@torch.inference_mode()
+def perplexity(engine: DecodeEngine, ids: list[int], window: int) -> float:
+    """Perplexity of `ids` computed through the engine itself (its weight format, its kernels): each window of
+    `window` predicted tokens is prefilled from its first token and the rest appended in one extend."""
+    nll, count = 0.0, 0
+    for start in range(0, len(ids) - 2, window):
+        chunk = ids[start:start + window + 1]
+        row, first = engine.prefill(chunk[:1])
+        logits = torch.cat([first[None], engine.extend(row, chunk[1:-1], all_logits=True)])
+        nll += torch.nn.functional.cross_entropy(logits.float(), torch.tensor(chunk[1:]), reduction="sum").item()
+        count += len(chunk) - 1
+        engine.release(row)
+    return math.exp(nll / count)
+
