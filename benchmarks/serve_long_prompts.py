@@ -31,7 +31,7 @@ import httpx
 import torch
 from decode_speed import QUICK, SMALL, build_model, cpu_name
 from serve_prefix_cache import BEGINNING
-from serve_throughput import percentile, start_server, stop_server, write_report
+from serve_throughput import percentile, start_server, stop_server, stream_chunk, write_report
 
 ROOT = Path(__file__).resolve().parent
 CLIENTS = 4
@@ -64,11 +64,9 @@ async def streamed(client: httpx.AsyncClient, prompt: list[int], max_tokens: int
     async with client.stream("POST", "/v1/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+            chunk = stream_chunk(line)
+            if chunk is None:
                 continue
-            chunk = json.loads(line[len("data: "):])
-            if "error" in chunk:
-                raise RuntimeError(f"the server failed the request: {chunk['error']}")
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
             if any(choice.get("text") for choice in chunk.get("choices", [])):

@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 import torch
 from decode_speed import QUICK, SMALL, build_model, cpu_name
-from serve_throughput import start_server, stop_server, write_report
+from serve_throughput import start_server, stop_server, stream_chunk, write_report
 
 ROOT = Path(__file__).resolve().parent
 BEGINNING = ("Ты просыпаешься на холодном каменном полу древнего храма. Сквозь трещины в своде падает бледный "
@@ -51,11 +51,9 @@ def streamed_completion(client: httpx.Client, prompt: str, max_tokens: int) -> t
     with client.stream("POST", "/v1/completions", json=body) as response:
         response.raise_for_status()
         for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+            chunk = stream_chunk(line)
+            if chunk is None:
                 continue
-            chunk = json.loads(line[len("data: "):])
-            if "error" in chunk:
-                raise RuntimeError(f"the server failed the request: {chunk['error']}")
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
             for choice in chunk.get("choices", []):

@@ -110,6 +110,17 @@ async def run_clients(url: str, clients: int, per_client: int, new_tokens: int) 
             "p50_s": round(percentile(latencies, 50), 3), "p99_s": round(percentile(latencies, 99), 3)}
 
 
+def stream_chunk(line: str) -> dict | None:
+    """The completion chunk of one server-sent-events line (None for other lines and the final [DONE]); a chunk
+    carrying an error raises, so a failed request never passes for a short one."""
+    if not line.startswith("data: ") or line == "data: [DONE]":
+        return None
+    chunk = json.loads(line[len("data: "):])
+    if "error" in chunk:
+        raise RuntimeError(f"the server failed the request: {chunk['error']}")
+    return chunk
+
+
 def percentile(sorted_values: list[float], p: float) -> float:
     """Nearest-rank percentile of an ascending list."""
     rank = max(1, -(-len(sorted_values) * p // 100))
