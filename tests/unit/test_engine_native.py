@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from _engine_helpers import prompt_ids, run_tokens
 
 from rugpt.engines import create_engine, native
-from rugpt.engines.linear import quantize_int8
+from rugpt.engines.linear import pack_linear, quantize_int8
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
 
@@ -59,6 +59,7 @@ def _step_like_the_kernel(engine) -> None:
     for layer in engine.layers:
         for linear in (layer.qkv, layer.proj, layer.fc, layer.out):
             linear.forward = compute(linear)
+            linear.forward_gelu = None  # the fused GELU would still be the kernel's
     engine.lm_head.forward = compute(replace(engine.lm_head, bias=torch.zeros(engine.vocab_size)))
 
 
@@ -170,13 +171,78 @@ def test_two_threads_give_the_one_thread_answer(tiny):
 
 
 @needs_compiler
-def test_int8_products_quantize_each_input_row():
+@pytest.mark.parametrize("out, n_in, rows", [(37, 128, 5), (37, 128, 32), (24, 64, 33), (300, 768, 300)])
+def test_int8_products_quantize_each_input_row(out, n_in, rows):
+    """Decode tiles (up to 31 rows) and the prefill's repacked panels (32 rows and more: 24 outputs leave the
+    second half of a panel empty, 300 of them a partial one, 300 rows more than one token block)."""
     kernel = native.step_kernel()
     if "int8" not in kernel.formats:
         pytest.skip("this CPU has no VNNI")
     gen = torch.Generator().manual_seed(3)
-    weight, bias = torch.randn(37, 128, generator=gen), torch.randn(37, generator=gen)  # rows: no multiple of 8
+    weight, bias = torch.randn(out, n_in, generator=gen), torch.randn(out, generator=gen)
     packed = native.int8_tiled(kernel, weight, bias)
-    assert torch.equal(native.untile_int8(packed.weight, 37), quantize_int8(weight)[0])
-    x = torch.randn(5, 128, generator=gen) * torch.tensor([[1.0], [10.0], [0.1], [3.0], [0.0]])
-    torch.testing.assert_close(packed(x), _int8_as_the_kernel_computes(packed)(x), atol=1e-4, rtol=1e-5)
+    assert torch.equal(native.untile_int8(packed.weight, out), quantize_int8(weight)[0])
+    x = torch.randn(rows, n_in, generator=gen) * torch.linspace(0, 10, rows)[:, None]  # row 0: all zeros
+    expected = _int8_as_the_kernel_computes(packed)(x)
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(packed(x), expected, atol=1e-5 * scale, rtol=1e-5)
+    torch.testing.assert_close(packed.tanh_gelu(x), F.gelu(expected, approximate="tanh"), atol=1e-5 * scale, rtol=1e-5)
+
+
+@needs_compiler
+@pytest.mark.parametrize("out, n_in, rows", [(37, 128, 5), (37, 128, 32), (24, 64, 33), (300, 768, 300)])
+def test_bf16_products_of_many_rows_round_the_inputs_once(out, n_in, rows):
+    """From 32 rows on, the kernel's bf16 products (prefills) take the inputs rounded to bf16, as oneDNN's do, and
+    sum in fp32; fewer rows (a batched step) multiply fp32 inputs by the widened weights."""
+    kernel = native.step_kernel()
+    if not kernel.bf16_prefill:
+        pytest.skip("this CPU has no AVX-512 BF16")
+    gen = torch.Generator().manual_seed(4)
+    weight, bias = torch.randn(out, n_in, generator=gen).bfloat16(), torch.randn(out, generator=gen).bfloat16()
+    packed = pack_linear(weight, bias, "bf16")
+    native.use_kernel(kernel, packed, n_in, out)
+    x = torch.randn(rows, n_in, generator=gen) * torch.linspace(0, 10, rows)[:, None]
+    inputs = x.bfloat16().float() if rows >= 32 else x
+    expected = F.linear(inputs.double(), weight.double(), bias.double()).float()
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(packed(x), expected, atol=1e-5 * scale, rtol=1e-5)
+    torch.testing.assert_close(packed.tanh_gelu(x), F.gelu(expected, approximate="tanh"), atol=1e-5 * scale, rtol=1e-5)
+
+
+@needs_compiler
+@pytest.mark.parametrize("head_dim", [16, 64, 96, 128])
+@pytest.mark.parametrize("start, tokens", [(0, 1), (0, 7), (0, 300), (5, 1), (37, 20)])
+def test_compiled_prefill_attention_equals_torch(head_dim, start, tokens):
+    """Causal from position `start` (cached keys before it), query groups of 6 with remainders, head widths in one
+    to two passes of 64 dimensions."""
+    kernel = native.step_kernel()
+    if kernel.attention is None:
+        pytest.skip("no AVX-512")
+    heads, ctx = 3, 400
+    gen = torch.Generator().manual_seed(head_dim + start + tokens)
+    queries, keys, values = (torch.randn(heads, ctx, head_dim, generator=gen) for _ in range(3))
+    values[:, start + tokens:] = float("nan")  # never written: must never be read
+    end = start + tokens
+    qkv = torch.cat([t[:, start:end].transpose(0, 1).reshape(tokens, -1) for t in (queries, keys, values)], 1)
+    mask = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
+    expected = F.scaled_dot_product_attention(queries[:, start:end], keys[:, :end], values[:, :end], attn_mask=mask)
+    got = native.prefill_attention(kernel, qkv.contiguous(), keys, values, start)
+    torch.testing.assert_close(got, expected.transpose(0, 1).reshape(tokens, -1), atol=2e-5, rtol=1e-4)
+
+
+@needs_compiler
+def test_prefills_with_the_compiled_attention_equal_torch_attention(tiny):
+    """Whole prompts and chunks after cached positions (the server's chunked prefill), all positions' logits."""
+    compiled, by_torch = create_engine(tiny, "fast"), create_engine(tiny, "fast")
+    if compiled.attention is None:
+        pytest.skip("no compiled attention on this CPU")
+    by_torch.attention = None
+    ids = prompt_ids(tiny, "Мой дядя самых честных правил, когда не в шутку занемог, он уважать себя заставил "
+                           "и лучше выдумать не мог.")
+    assert len(ids) > 20
+    results = []
+    for engine in (compiled, by_torch):
+        row, first = engine.prefill(ids[:13])
+        results.append((first, engine.extend(row, ids[13:], all_logits=True)))
+    for got, expected in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)

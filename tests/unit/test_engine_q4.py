@@ -72,6 +72,8 @@ def test_kernel_products_equal_the_dequantized_reference(kernel, out, n_in, rows
     assert packed.weight.dtype == torch.uint8
     expected = reference_product(x, _dequantized(packed)[:, :n_in], bias)
     torch.testing.assert_close(packed(x), expected, atol=1e-4 * float(expected.abs().max()), rtol=0)
+    gelu = torch.nn.functional.gelu(expected, approximate="tanh")  # the fused activation of the MLP's first layer
+    torch.testing.assert_close(packed.tanh_gelu(x), gelu, atol=1e-4 * float(expected.abs().max()), rtol=0)
 
 
 def _like_the_kernel(engine) -> None:
@@ -92,6 +94,7 @@ def _like_the_kernel(engine) -> None:
     for layer in engine.layers:
         for linear in (layer.qkv, layer.proj, layer.fc, layer.out):
             linear.forward = q4(linear)
+            linear.forward_gelu = None  # the fused GELU would still be the kernel's
     head = engine.lm_head
     head.forward = int8(head) if head.weight.dtype == torch.int8 else q4(head, engine.vocab_size)
 
@@ -175,6 +178,7 @@ def test_without_the_kernel_q4_dequantizes_each_layer(tiny, no_kernel, caplog):
             theirs = getattr(layer, name)
             weight = _dequantized(getattr(mine, name))[:, :theirs.weight.shape[1]]
             theirs.forward = lambda x, w=weight, b=theirs.bias: torch.nn.functional.linear(x, w, b)
+            theirs.forward_gelu = None
     head = _dequantized(engine.lm_head, engine.vocab_size)[:, :tiny.model.config.n_embd]
     reference.lm_head.forward = lambda x: x @ head.T
     ids = prompt_ids(tiny)

@@ -23,7 +23,15 @@ import torch.nn.functional as F
 from rugpt.engines.base import DecodeEngine
 from rugpt.engines.linear import BlockWeights, PackedLinear, pack_linear
 from rugpt.engines.memory import release_file_pages
-from rugpt.engines.native import TILE_COLUMNS, Kernel, NativeStep, int8_tiled, step_kernel
+from rugpt.engines.native import (
+    TILE_COLUMNS,
+    Kernel,
+    NativeStep,
+    int8_tiled,
+    prefill_attention,
+    step_kernel,
+    use_kernel,
+)
 from rugpt.engines.q4 import pack_q4, q4_head_format
 from rugpt.errors import UsageError
 
@@ -36,10 +44,9 @@ class WeightFormat(str, Enum):
     q4 = "q4"  # blocks of 64 weights with a scale and a minimum (engines/q4.py)
 
 
+_TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 _ACTIVATIONS = {
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    **{name: lambda x: F.gelu(x, approximate="tanh") for name in _TANH_GELU},
     "gelu": F.gelu,
     "relu": F.relu,
 }
@@ -61,12 +68,16 @@ def unsupported_reason(model) -> str | None:
 
 def _pack(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, kernel: Kernel | None) -> PackedLinear:
     """Where the compiled step runs int8, it packs the weights in its own tiles and computes their prefill
-    products too (engines/native.py), so there is no second, fbgemm copy."""
+    products too (engines/native.py), so there is no second, fbgemm copy; it computes bf16 prefills where its
+    bf16 products beat oneDNN's."""
     if kernel is not None and fmt == WeightFormat.int8.value:
         return int8_tiled(kernel, weight, bias)
     if fmt == WeightFormat.q4.value:
         return pack_q4(weight, bias, kernel)
-    return pack_linear(weight, bias, fmt)
+    packed = pack_linear(weight, bias, fmt)
+    if kernel is not None and kernel.bf16_prefill and fmt == WeightFormat.bf16.value:
+        use_kernel(kernel, packed, *reversed(packed.weight.shape))
+    return packed
 
 
 def _pack_conv1d(conv, fmt: str, kernel: Kernel | None) -> PackedLinear:
@@ -89,6 +100,12 @@ def _pack_conv1d(conv, fmt: str, kernel: Kernel | None) -> PackedLinear:
     return packed
 
 
+def _merge_heads(attn: torch.Tensor) -> torch.Tensor:
+    """torch's attention output [n, H, t, hd] as [n, t, H * hd]."""
+    n, heads, t, head_dim = attn.shape
+    return attn.transpose(1, 2).reshape(n, t, heads * head_dim)
+
+
 class FastEngine(DecodeEngine):
     name = "fast"
     accepts_embeds = True
@@ -106,6 +123,7 @@ class FastEngine(DecodeEngine):
         self.head_dim = config.n_embd // config.n_head
         self.eps = config.layer_norm_epsilon
         self.act = _ACTIVATIONS[config.activation_function]
+        self.tanh_gelu = config.activation_function in _TANH_GELU  # fused into the product where a kernel can
         transformer = model.transformer
         self.wte = transformer.wte.weight.detach()
         self.wpe = transformer.wpe.weight.detach()
@@ -131,6 +149,8 @@ class FastEngine(DecodeEngine):
         # torch.empty only reserves address space: pages are touched as positions fill up.
         self.k_cache = [torch.empty(shape, device=device, dtype=dtype) for _ in self.layers]
         self.v_cache = [torch.empty(shape, device=device, dtype=dtype) for _ in self.layers]
+        # prefills' attention by the compiled kernel where it applies (torch's takes a third of a q4 prefill)
+        self.attention = kernel if kernel is not None and kernel.attention and self.head_dim % 16 == 0 else None
         self.native = None if kernel is None else NativeStep(
             kernel, wte=self.wte, wpe=self.wpe, ln_f=self.ln_f, lm_head=self.lm_head, layers=self.layers,
             k_cache=self.k_cache, v_cache=self.v_cache, n_head=self.n_head, eps=self.eps)
@@ -141,8 +161,7 @@ class FastEngine(DecodeEngine):
     def _native_kernel(self, config) -> Kernel | None:
         """rugpt's compiled step (engines/native.py) where it applies: fp32 model on the CPU, tanh GELU, a weight
         format the build reads (int8: layer widths in whole 64-byte tiles); else None, and steps run as torch ops."""
-        tanh_gelu = config.activation_function in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
-        if self.wte.device.type != "cpu" or self.wte.dtype != torch.float32 or not tanh_gelu:
+        if self.wte.device.type != "cpu" or self.wte.dtype != torch.float32 or not self.tanh_gelu:
             return None
         widths = (config.n_embd, config.n_inner or 4 * config.n_embd)
         if self.weights == WeightFormat.int8 and any(width % TILE_COLUMNS for width in widths):
@@ -198,6 +217,9 @@ class FastEngine(DecodeEngine):
         # it to the top left, as if the queries began at position 0).
         mask = None if start == 0 else torch.arange(end, device=h.device)[None, :] <= positions[:, None]
         for i, layer in enumerate(self.layers):
+            if self.attention is not None:
+                h = self._mlp(layer, h, self._compiled_attention(i, layer, slot, start, h))
+                continue
             q, k, v = self._qkv(layer, h)  # each [1, H, T, hd]
             self.k_cache[i][slot, :, start:end] = k[0]
             self.v_cache[i][slot, :, start:end] = v[0]
@@ -206,8 +228,18 @@ class FastEngine(DecodeEngine):
             else:
                 keys, values = self.k_cache[i][slot : slot + 1, :, :end], self.v_cache[i][slot : slot + 1, :, :end]
                 attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-            h = self._mlp(layer, h, attn)
+            h = self._mlp(layer, h, _merge_heads(attn))
         return h[0]
+
+    def _compiled_attention(self, i: int, layer: BlockWeights, slot: int, start: int, h: torch.Tensor) -> torch.Tensor:
+        """Layer i's attention for h [1, T, d] at positions start.. of `slot` by the compiled kernel, which reads the
+        queries from the qkv product as they are and writes the heads side by side: [1, T, d]."""
+        _, tokens, d = h.shape
+        qkv = layer.qkv(F.layer_norm(h, (d,), *layer.ln1, self.eps).view(tokens, d))
+        heads = qkv.view(tokens, 3, self.n_head, self.head_dim)
+        self.k_cache[i][slot, :, start:start + tokens] = heads[:, 1].transpose(0, 1)
+        self.v_cache[i][slot, :, start:start + tokens] = heads[:, 2].transpose(0, 1)
+        return prefill_attention(self.attention, qkv, self.k_cache[i][slot], self.v_cache[i][slot], start).view(h.shape)
 
     @torch.inference_mode()
     def _step(self, rows: list[int], token_ids: list[int]) -> torch.Tensor:
@@ -245,7 +277,7 @@ class FastEngine(DecodeEngine):
                 keys = self.k_cache[i].index_select(0, slot_index)[:, :, :width]
                 values = self.v_cache[i].index_select(0, slot_index)[:, :, :width]
             attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-            h = self._mlp(layer, h, attn)
+            h = self._mlp(layer, h, _merge_heads(attn))
         logits = self._logits(h[:, -1])
         if in_order:
             return logits
@@ -280,10 +312,12 @@ class FastEngine(DecodeEngine):
         return q, k, v
 
     def _mlp(self, layer: BlockWeights, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The rest of a block after attention, attn [n, t, d] with the heads side by side."""
         n, t, d = h.shape
-        h = h + layer.proj(attn.transpose(1, 2).reshape(n * t, d)).view(n, t, d)
+        h = h + layer.proj(attn.reshape(n * t, d)).view(n, t, d)
         m = F.layer_norm(h, (d,), *layer.ln2, self.eps).view(n * t, d)
-        return h + layer.out(self.act(layer.fc(m))).view(n, t, d)
+        inner = layer.fc.tanh_gelu(m) if self.tanh_gelu else self.act(layer.fc(m))
+        return h + layer.out(inner).view(n, t, d)
 
     def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
         h_last = F.layer_norm(h_last, (h_last.shape[-1],), *self.ln_f, self.eps)

@@ -32,7 +32,8 @@ class PackedLinear:
 
     `weight` ([out, in], or the native kernel's int8 tiles), `scale` (per output row) and `row_sums` (the
     native kernel's int8 only) and `bias` are the stored tensors where the compiled step reads them (None
-    where only a kernel's packed copy exists).
+    where only a kernel's packed copy exists). `forward_gelu`, where the kernel has one, is tanh-GELU(forward(x))
+    in one pass: the activation applied to each output as it is computed.
     """
 
     forward: Callable[[torch.Tensor], torch.Tensor]
@@ -41,9 +42,16 @@ class PackedLinear:
     scale: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     row_sums: torch.Tensor | None = None
+    forward_gelu: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(x)
+
+    def tanh_gelu(self, x: torch.Tensor) -> torch.Tensor:
+        """tanh-GELU(self(x)), fused where the kernel can."""
+        if self.forward_gelu is not None:
+            return self.forward_gelu(x)
+        return F.gelu(self.forward(x), approximate="tanh")
 
 
 @dataclass
@@ -102,7 +110,11 @@ def _onednn(weight: torch.Tensor, bias: torch.Tensor | None) -> PackedLinear:
     def forward(x: torch.Tensor) -> torch.Tensor:
         return linear(x.to(weight.dtype), weight, bias, "none", [], "").float()
 
-    return PackedLinear(forward, weight.numel() * weight.element_size(), weight, None, bias)
+    def forward_gelu(x: torch.Tensor) -> torch.Tensor:
+        return linear(x.to(weight.dtype), weight, bias, "gelu", [], "tanh").float()
+
+    return PackedLinear(forward, weight.numel() * weight.element_size(), weight, None, bias,
+                        forward_gelu=forward_gelu)
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

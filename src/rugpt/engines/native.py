@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from rugpt.atomic import atomic_write_dir
 from rugpt.cache import cache_dir
@@ -54,6 +55,8 @@ class Kernel:
     # reads it faster than widening it here did: 8.8 vs 12-13 ms a step at batch 1)
     formats: tuple[str, ...]
     quantize_q4: Callable | None = None  # rugpt_quantize_q4: fp32 weights to q4 tiles (q4.kernel_quantize_q4)
+    bf16_prefill: bool = False  # its bf16 products of many rows beat oneDNN's (AVX-512 BF16 and VNNI)
+    attention: Callable | None = None  # rugpt_attention: a prefill's causal attention (AVX-512; heads of 16s)
 
 
 class _Linear(ctypes.Structure):  # native_step.c's Linear
@@ -109,7 +112,9 @@ class NativeStep:
         per_row = (("h", d), ("a", d), ("qkv", 3 * d), ("att", d), ("f", d_ff), ("scores", n_head * ctx))
         scratch = [torch.zeros(self.max_rows, size) for _, size in per_row]
         widest = -(-max(d, d_ff) // Q4_BLOCK) * Q4_BLOCK  # q4 inputs are padded to whole blocks
-        scratch += [torch.zeros(self.max_rows, widest, dtype=torch.uint8), torch.zeros(self.max_rows),
+        # the inputs quantized to bytes, or rounded to bf16 (two bytes each, rows in whole groups of 8) for a bf16
+        # product of many rows
+        scratch += [torch.zeros(-(-self.max_rows // 8) * 8, 2 * widest, dtype=torch.uint8), torch.zeros(self.max_rows),
                     torch.zeros(self.max_rows, widest // Q4_BLOCK)]
         self._keep += scratch
         self._k, self._v = _pointers(k_cache), _pointers(v_cache)
@@ -161,22 +166,48 @@ def int8_tiled(kernel: Kernel, weight: torch.Tensor, bias: torch.Tensor | None) 
     tiles = padded.view(-1, TILE_ROWS, n_in // TILE_COLUMNS, TILE_COLUMNS).transpose(1, 2).contiguous()
 
     packed = PackedLinear(lambda x: x, tiles.numel() + scale.numel() * 4, tiles, scale, bias, row_sums)
-    packed.forward = kernel_product(kernel, packed, n_in, out)
+    use_kernel(kernel, packed, n_in, out)
     return packed
 
 
-def kernel_product(kernel: Kernel, linear: PackedLinear, n_in: int, out: int) -> Callable:
-    """y = x W^T + b for x [n, in] by the kernel's rugpt_linear over `linear`'s stored (tiled) weights."""
-    struct = linear_struct(linear)
+_STORE, _GELU = 0, 2  # native_step.c's product modes: y = Wx + b, y = gelu(Wx + b)
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
+
+def use_kernel(kernel: Kernel, linear: PackedLinear, n_in: int, out: int) -> None:
+    """Give `linear` the kernel's rugpt_linear over its stored (tiled) weights as its forward, and as its fused
+    product-then-tanh-GELU (a prefill's MLP input layer without a pass over the 4d-wide activations)."""
+    bias = linear.bias.float().contiguous() if linear.bias is not None else None  # bf16 weights: a bf16 bias
+    struct = linear_struct(linear, bias)
+
+    def product(x: torch.Tensor, mode: int) -> torch.Tensor:
         x = x.float().contiguous()
         y = torch.empty(x.shape[0], out)
-        if kernel.linear(_ptr(x), ctypes.byref(struct), _ptr(y), x.shape[0], n_in, out, torch.get_num_threads()):
+        if kernel.linear(_ptr(x), ctypes.byref(struct), _ptr(y), x.shape[0], n_in, out, mode,
+                         torch.get_num_threads()):
             raise MemoryError(f"no memory for the scratch of a {x.shape[0]}-row product")
         return y
 
-    return forward
+    product.keep = bias  # the struct points into it
+    linear.forward = lambda x: product(x, _STORE)
+    linear.forward_gelu = lambda x: product(x, _GELU)
+
+
+def prefill_attention(kernel: Kernel, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      start: int) -> torch.Tensor:
+    """Causal attention [T, d] of the T queries in qkv ([T, 3d], fp32, contiguous) at positions start .. start + T - 1
+    over one row's caches ([heads, ctx, head_dim], its keys and values for positions 0 .. start + T - 1 written);
+    heads side by side in each row, as the output projection reads them."""
+    tokens, width = qkv.shape
+    heads, ctx, _ = k_cache.shape
+    out = torch.empty(tokens, width // 3)
+    code = kernel.attention(_ptr(qkv), tokens, width // 3, heads, _ptr(k_cache), _ptr(v_cache), ctx, start, _ptr(out),
+                            torch.get_num_threads())
+    if code == -1:
+        raise MemoryError(f"no memory for the attention scratch of a {tokens}-token prefill")
+    if code:
+        raise ValueError(f"the compiled attention does not take heads {width // 3 // heads} wide or {start + tokens} "
+                         f"positions in a context of {ctx}")
+    return out
 
 
 def untile_int8(tiles: torch.Tensor, out: int) -> torch.Tensor:
@@ -218,7 +249,7 @@ def _load() -> Kernel:
     step.argtypes = [ctypes.c_void_p, ctypes.c_int, _INTS, _INTS, _INTS, _P, ctypes.c_int]
     step.restype = None
     linear = library.rugpt_linear
-    linear.argtypes = [_P, ctypes.c_void_p, _P] + [ctypes.c_int] * 4
+    linear.argtypes = [_P, ctypes.c_void_p, _P] + [ctypes.c_int] * 5
     linear.restype = ctypes.c_int
     if library.rugpt_q4_block() != Q4_BLOCK:
         raise NativeUnavailable(f"the built step reads q4 blocks of {library.rugpt_q4_block()}, not {Q4_BLOCK}")
@@ -227,7 +258,12 @@ def _load() -> Kernel:
                          ctypes.c_int]
     quantize.restype = None
     formats = ("fp32", "bf16", "int8", "q4") if library.rugpt_has_vnni() else ("fp32", "bf16")
-    return Kernel(step, linear, formats, quantize)
+    attention = None
+    if library.rugpt_has_attention():
+        attention = library.rugpt_attention
+        attention.argtypes = [_P] + [ctypes.c_int] * 3 + [_P, _P] + [ctypes.c_int] * 2 + [_P, ctypes.c_int]
+        attention.restype = ctypes.c_int
+    return Kernel(step, linear, formats, quantize, bool(library.rugpt_bf16_panels()), attention)
 
 
 def _check(kernel: Kernel) -> None:
@@ -257,6 +293,28 @@ def _check(kernel: Kernel) -> None:
     if not error < 1e-4:
         raise NativeUnavailable(f"the built step disagrees with transformers (max abs error {error:g})")
     _check_q4(kernel)
+    _check_attention(kernel)
+
+
+def _check_attention(kernel: Kernel) -> None:
+    """The compiled prefill attention agrees with torch's, from position 0 and after cached positions."""
+    if kernel.attention is None:
+        return
+    heads, head_dim, ctx = 2, 16, 24
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        keys, values = torch.randn(heads, ctx, head_dim), torch.randn(heads, ctx, head_dim)
+        queries = torch.randn(heads, ctx, head_dim)
+    for start, tokens in ((0, 13), (7, 9)):
+        qkv = torch.cat([t[:, start:start + tokens].transpose(0, 1).reshape(tokens, -1)
+                         for t in (queries, keys, values)], dim=1).contiguous()
+        end = start + tokens
+        mask = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
+        expected = F.scaled_dot_product_attention(queries[:, start:end], keys[:, :end], values[:, :end], attn_mask=mask)
+        got = prefill_attention(kernel, qkv, keys, values, start)
+        error = (got - expected.transpose(0, 1).reshape(tokens, -1)).abs().max().item()
+        if not error < 1e-5:
+            raise NativeUnavailable(f"the built prefill attention disagrees with torch's (max abs error {error:g})")
 
 
 def _check_q4(kernel: Kernel) -> None:

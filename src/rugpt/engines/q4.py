@@ -49,9 +49,9 @@ def pack_q4(weight: torch.Tensor, bias: torch.Tensor | None, kernel=None) -> Pac
     bias = bias.detach().float().contiguous() if bias is not None else None
     packed = PackedLinear(lambda x: x, tiles.numel(), tiles, None, bias)
     if kernel is not None and "q4" in kernel.formats and tiles.device.type == "cpu":
-        from rugpt.engines.native import kernel_product
+        from rugpt.engines.native import use_kernel
 
-        packed.forward = kernel_product(kernel, packed, n_in, out)
+        use_kernel(kernel, packed, n_in, out)
     else:
         _say_dequantizing()
         packed.forward = functools.partial(_dequantized_product, tiles, out, n_in, bias)
