@@ -238,29 +238,37 @@ def check_same_vocabulary(name: str, draft_tokenizer, target_tokenizer) -> None:
 
 
 class CallCosts:
-    """Seconds per engine call, measured as decoding goes: a one-row step, and an extend (checking a draft).
+    """Seconds per engine call, measured as decoding goes: a one-row step, and what each token fed to an extend
+    (checking a draft) adds to a step.
 
-    Their ratio is what a lookup draft must beat: checking k drafts costs one extend, and pays only when the
-    tokens a round is expected to yield outnumber extend / step. On a big model both calls read all weights
-    once and cost about the same; on the small bundled model an extend runs torch ops where a step runs the
-    compiled kernel and costs a few steps. Lookup drafts leave the text unchanged whatever this decides
-    (see `judge`), so measured times may steer it."""
+    A round that feeds k tokens costs `ratio(k)` steps and pays only when the tokens it is expected to yield
+    outnumber that. On a big model an extend reads all weights once, as a step does, and a token more adds little;
+    on the small bundled model each token adds its own share of the work (its attention, its columns of every
+    product: about a third of a step), so a short draft may pay where a long one at the same odds would not.
+    Lookup drafts leave the text unchanged whatever this decides (see `judge`), so measured times may steer it."""
 
     def __init__(self, prior_ratio: float = 1.5, measure: bool = True):
         self.prior_ratio, self.measure = prior_ratio, measure
         self.step: float | None = None
-        self.extend: float | None = None
+        self.per_token: float | None = None  # seconds an extend adds per token fed past the first
 
-    @property
-    def ratio(self) -> float:
-        if self.step is None or self.extend is None:
+    def ratio(self, fed: int) -> float:
+        """The cost of an extend by `fed` tokens, in one-row steps (the prior until both are measured)."""
+        if self.step is None or self.per_token is None:
             return self.prior_ratio
-        return max(1.0, self.extend / self.step)
+        return 1.0 + self.per_token * max(fed - 1, 0) / self.step
 
-    def record(self, kind: str, seconds: float) -> None:
-        if self.measure:
-            old = getattr(self, kind)
-            setattr(self, kind, seconds if old is None else 0.8 * old + 0.2 * seconds)
+    def record(self, kind: str, seconds: float, fed: int = 1) -> None:
+        if not self.measure:
+            return
+        if kind == "step":
+            self.step = self._average(self.step, seconds)
+        elif self.step is not None and fed > 1:  # an extend never counts as cheaper than a step
+            self.per_token = self._average(self.per_token, max(seconds - self.step, 0.0) / (fed - 1))
+
+    @staticmethod
+    def _average(old: float | None, new: float) -> float:
+        return new if old is None else 0.8 * old + 0.2 * new
 
 
 def match_bucket(length: int) -> int:
@@ -302,11 +310,11 @@ class SpeculatingRow:
         row = self.row
         room = min(row.limit - len(row.ids) - 1, self.draft_size)  # a round picks up to k + 1 tokens
         draft = Draft()
+        feed = row.ids[-1:] if self.pending else []
         if room > 0:
             draft = self.drafter.propose(self.prompt + row.ids, room)
-            if draft.match and not self._worth(draft, costs.ratio):
-                draft = Draft()
-        feed = row.ids[-1:] if self.pending else []
+            if draft.match:
+                draft = Draft(draft.tokens[:self._worth_checking(draft, costs, len(feed))], None, draft.match)
         self._draft, self._kept = draft, engine.lengths[row.engine_row] + len(feed)
         return feed + draft.tokens
 
@@ -326,14 +334,19 @@ class SpeculatingRow:
     def release(self) -> None:
         self.drafter.release()
 
-    def _worth(self, draft: Draft, ratio: float) -> bool:
-        """Whether the tokens this round should yield (the accepted run plus one) repay an extend over a step,
-        with acceptance a geometric run at the rate of this match length so far."""
+    def _worth_checking(self, draft: Draft, costs: CallCosts, fed: int) -> int:
+        """How many of a lookup draft's tokens to check after the `fed` tokens already in this round's call: the
+        count whose expected yield (the accepted run plus one, acceptance a geometric run at the rate of this
+        match length so far) per step of the call's cost is highest; 0 where none beats a plain step."""
         bucket = match_bucket(draft.match)
         accepted, judged = self.judged.get(bucket, (0, 0))
         alpha = min((accepted + PRIOR_WEIGHT * bucket / (bucket + 1.5)) / (judged + PRIOR_WEIGHT), 0.99)
-        expected = (1 - alpha ** (len(draft.tokens) + 1)) / (1 - alpha)
-        return expected >= ratio
+        best, best_yield = 0, 1.0
+        for k in range(1, len(draft.tokens) + 1):
+            per_step = (1 - alpha ** (k + 1)) / (1 - alpha) / costs.ratio(fed + k)
+            if per_step >= best_yield:
+                best, best_yield = k, per_step
+        return best
 
     def _judge(self, logits: torch.Tensor, draft: Draft) -> tuple[list[RowStep], int]:
         """Pick tokens from the logits at the drafted positions in turn, drafts accepted or not; stop at the
@@ -388,7 +401,7 @@ def advance_speculating(engine, rows: list[SpeculatingRow], costs: CallCosts) ->
         if len(feed) > 1:
             start = time.perf_counter()
             logits[i] = engine.extend(rows[i].row.engine_row, feed, all_logits=True)
-            costs.record("extend", time.perf_counter() - start)
+            costs.record("extend", time.perf_counter() - start, len(feed))
     outcomes: list[list[RowStep] | Exception] = []
     for row, row_logits in zip(rows, logits, strict=True):
         try:

@@ -21,6 +21,7 @@ from rugpt.speculative import (
     Draft,
     LookupDrafter,
     ModelDrafter,
+    NoDrafter,
     SpeculatingRow,
     SpeculationStats,
     advance_speculating,
@@ -305,18 +306,30 @@ def test_lookup_drafts_are_checked_only_where_they_repay_an_extend():
     assert costly[3].drafted == 0 and cheap[3].drafted > 0
 
 
-def test_call_costs_are_a_moving_ratio_of_measured_seconds():
+def test_call_costs_grow_with_the_tokens_an_extend_is_fed():
     costs = CallCosts(prior_ratio=2.0)
-    assert costs.ratio == 2.0
+    assert costs.ratio(1) == costs.ratio(5) == 2.0
+    costs.record("extend", 3.0, 3)  # no step measured yet: nothing to compare it with
     costs.record("step", 1.0)
-    assert costs.ratio == 2.0  # no extend measured yet
-    costs.record("extend", 3.0)
-    assert costs.ratio == 3.0
-    costs.record("extend", 0.5)
-    assert costs.ratio == pytest.approx(0.8 * 3.0 + 0.2 * 0.5)
-    for _ in range(10):
-        costs.record("extend", 0.1)
-    assert costs.ratio == 1.0  # an extend never counts as cheaper than a step
+    assert costs.ratio(5) == 2.0
+    costs.record("extend", 3.0, 3)  # two tokens past the first added 2 s: 1 s each
+    assert costs.ratio(1) == 1.0 and costs.ratio(3) == 3.0 and costs.ratio(5) == 5.0
+    costs.record("extend", 1.5, 2)
+    assert costs.per_token == pytest.approx(0.8 * 1.0 + 0.2 * 0.5)
+    for _ in range(40):
+        costs.record("extend", 0.5, 4)
+    assert costs.ratio(4) == pytest.approx(1.0, abs=1e-2)  # an extend never counts as cheaper than a step
+
+
+def test_a_lookup_draft_is_cut_to_the_length_that_pays_best():
+    """Acceptance a = 4 / 5.5 (bucket 4's prior): k drafts yield (1 - a^(k+1)) / (1 - a) tokens for 1 + c k steps.
+    At c = 0.5 one draft yields the most per step (1.15), at c = 0.1 four (2.09), at c = 4 none beats a step."""
+    draft = Draft([5, 6, 7, 8, 9, 10], None, 4)
+    for per_token, best in ((0.5, 1), (0.1, 4), (4.0, 0)):
+        costs = CallCosts()
+        costs.record("step", 1.0)
+        costs.record("extend", 1.0 + per_token, 2)
+        assert SpeculatingRow(None, [], NoDrafter(), 6, 6)._worth_checking(draft, costs, fed=1) == best
 
 
 def exact_distribution(target: torch.Tensor, prompt: list[int], params: SamplingParams, length: int) -> dict:

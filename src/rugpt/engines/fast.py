@@ -177,7 +177,15 @@ class FastEngine(DecodeEngine):
 
     @torch.inference_mode()
     def _extend(self, row: int, token_ids: list[int], all_logits: bool) -> torch.Tensor:
-        h = self._forward(self.slot_of[row], self.lengths[row], self._embed(token_ids))
+        slot, start = self.slot_of[row], self.lengths[row]
+        if self.native is not None and len(token_ids) <= self.native.max_rows:
+            # a few tokens (drafts to check): one compiled step whose rows are this slot's next positions,
+            # instead of ~60 torch ops that cost as much as 4 steps
+            positions = list(range(start, start + len(token_ids)))
+            self._mark_written([slot], [positions[-1]])
+            logits = self.native([slot] * len(token_ids), positions, token_ids)
+            return logits if all_logits else logits[-1]
+        h = self._forward(slot, start, self._embed(token_ids))
         return self._logits(h) if all_logits else self._logits(h[-1:])[0]
 
     def _truncate(self, row: int, length: int) -> None:

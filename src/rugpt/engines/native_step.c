@@ -655,14 +655,21 @@ static void layer_norm(const float *x, const float *w, const float *b, float *y,
     for (int i = 0; i < d; i++) y[i] = y[i] * inv * w[i] + b[i];
 }
 
-/* one head of input row `row` (cache slot `slot`, position `pos`): store its key and value, attend over 0..pos */
+/* one head of input row `row` (cache slot `slot`, position `pos`): store its key and value */
+static void store(const Model *m, int l, int row, int head, int slot, int pos) {
+    int d = m->d, hd = d / m->n_head;
+    size_t base = ((size_t)slot * m->n_head + head) * m->ctx * hd;
+    const float *qkv = m->qkv + (size_t)row * 3 * d;
+    memcpy(m->k_cache[l] + base + (size_t)pos * hd, qkv + d + head * hd, hd * sizeof(float));
+    memcpy(m->v_cache[l] + base + (size_t)pos * hd, qkv + 2 * d + head * hd, hd * sizeof(float));
+}
+
+/* one head of input row `row` (cache slot `slot`, position `pos`): attend over 0..pos, its own key stored */
 static void attend(const Model *m, int l, int row, int head, int slot, int pos) {
     int d = m->d, hd = d / m->n_head;
     size_t base = ((size_t)slot * m->n_head + head) * m->ctx * hd;
     float *keys = m->k_cache[l] + base, *values = m->v_cache[l] + base;
-    const float *qkv = m->qkv + (size_t)row * 3 * d, *q = qkv + head * hd;
-    memcpy(keys + (size_t)pos * hd, qkv + d + head * hd, hd * sizeof(float));
-    memcpy(values + (size_t)pos * hd, qkv + 2 * d + head * hd, hd * sizeof(float));
+    const float *q = m->qkv + (size_t)row * 3 * d + head * hd;
     float *score = m->scores + ((size_t)row * m->n_head + head) * m->ctx;
     float scale = 1.0f / sqrtf((float)hd), top = -INFINITY;
     for (int t = 0; t <= pos; t++) {
@@ -681,7 +688,8 @@ static void attend(const Model *m, int l, int row, int head, int slot, int pos) 
 }
 
 /* Append tokens[r] at positions[r] to the row in cache slot slots[r], for r < n (n <= the scratch's rows);
- * logits is [n, vocab]. Rows may sit at different positions. */
+ * logits is [n, vocab]. Rows may sit at different positions, and several may be one slot's consecutive
+ * positions: an extend by a few tokens (speculative decoding's check of its drafts) in one call. */
 void rugpt_step(const Model *m, int n, const int *slots, const int *positions, const int *tokens, float *logits,
                 int threads) {
     int d = m->d;
@@ -697,6 +705,10 @@ void rugpt_step(const Model *m, int n, const int *slots, const int *positions, c
             for (int r = 0; r < n; r++) layer_norm(m->h + (size_t)r * d, w->ln1_w, w->ln1_b, m->a + (size_t)r * d, d, m->eps);
             product(m->a, w->qkv, m->qkv, n, d, 3 * d, STORE, m->xq, m->xs, m->xb);
 #pragma omp barrier
+#pragma omp for schedule(static) collapse(2)
+            for (int r = 0; r < n; r++)
+                for (int head = 0; head < m->n_head; head++) store(m, l, r, head, slots[r], positions[r]);
+            /* every key stored before any row attends: rows of one slot (an extend) read each other's */
 #pragma omp for schedule(static) collapse(2)
             for (int r = 0; r < n; r++)
                 for (int head = 0; head < m->n_head; head++) attend(m, l, r, head, slots[r], positions[r]);
