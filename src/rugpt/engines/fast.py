@@ -3,9 +3,12 @@
 Why it is faster than transformers' `generate` on a CPU: at batch 1 a decode step is a chain of
 matrix-vector products whose cost is reading the weights once; transformers adds cache objects,
 logits processors and module dispatch around them. On a CPU with a C compiler a step is one call
-into rugpt's compiled step (engines/native.py: fp32, bf16, and int8 where the CPU has VNNI); other
-steps, and every prefill, are a flat sequence of torch ops on tensors prepared once, each linear
-layer on the kernel that reads its weight format fastest (engines/linear.py). fp32 weights are
+into rugpt's compiled step (engines/native.py: fp32, bf16, and int8 where the CPU has VNNI), and so
+is an extend by a few tokens (speculative decoding's check of its drafts). Other steps and prefills
+are a flat sequence of torch ops on tensors prepared once, each linear layer on the kernel that
+computes its weight format fastest (engines/linear.py; for 8- and 4-bit weights, and bf16 where the
+CPU has AVX-512 BF16, the compiled kernel's blocked products), the attention on the compiled kernel's
+where it applies. fp32 weights are
 shared with the loaded transformers model (one copy in memory); bf16, fp16 and int8 weights are
 converted once at start.
 

@@ -5,8 +5,9 @@ Why compile here rather than ship a binary: `-march=native` gives the widest vec
 lands in `<cache>/native/<key>/` (key: source, compiler, flags, CPU), written through a temp folder,
 and is reused afterwards. Each process checks it against transformers on a tiny model before using it.
 
-The same library holds the 8- and 4-bit products that the fast engine's prefills call (rugpt_linear,
-blocked over tokens), the q4 quantizer (q4.py) and a measured compute-peak loop for the benchmarks.
+The same library holds the products that the fast engine's prefills call for 8- and 4-bit weights and
+bf16 (rugpt_linear, blocked over tokens, the MLP's GELU fused in), their causal attention
+(rugpt_attention), the q4 quantizer (q4.py) and a measured compute-peak loop for the benchmarks.
 
 Without a C compiler with OpenMP (or with RUGPT_NATIVE=0) the fast engine steps with torch ops, and
 the log says once why.

@@ -4,7 +4,8 @@
  * minimum each (q4.py), the last two multiplied by activations quantized to 8 bits per row with VNNI dot
  * products, as fbgemm and llama.cpp do (built only where the CPU has VNNI). Each linear layer has its own
  * weight type (fast-q4 may keep the output projection at int8). The same products serve prefills
- * (rugpt_linear), blocked over tokens.
+ * (rugpt_linear), blocked over tokens, with weights repacked into panels where there are many rows; a
+ * prefill's causal attention is rugpt_attention.
  *
  * Why: at small batch a step costs reading the weights once. torch's kernels for these matrix-vector
  * products (MKL's sgemv, oneDNN) read ruGPT-3 small's layer shapes at 20-26 GB/s on a 2-core machine
