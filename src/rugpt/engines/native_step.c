@@ -407,9 +407,12 @@ static void q4_rows(const signed char *xq, const float *xs, const float *sums, L
  * as costly as the products themselves at in = 768) are repacked a panel of 2 x 16 rows at a time into
  * q4's arrangement, 16 rows x 4 columns per 64 bytes, so each VNNI instruction multiplies 16 rows by 4
  * broadcast input bytes and the sums come out with the rows in lanes. A panel is 32 x in bytes, repacked
- * once per token block: 1/256 of the block's work. */
+ * once per PANEL_TOKENS input rows. */
 #define PANEL 32 /* weight rows per panel: two tiles of 16 */
 #define PACK_MIN 32 /* input rows from which a product repacks its weights into panels (fewer: a batched step) */
+/* input rows per repacking of a panel: a repacked panel serves up to a 1,024-token prefill whole (its inputs
+ * stream from L2 and L3; repacking every 256 rows cost 15 % of a bf16 product) */
+#define PANEL_TOKENS 1024
 
 static void pack_q8_panel(const signed char *tiles, int in, int rows_out, int r0, signed char *panel) {
     for (int half = 0; half < 2; half++) {
@@ -465,7 +468,7 @@ static inline __attribute__((always_inline)) void q8_columns(const unsigned char
 }
 
 #if defined(__AVX512BF16__)
-/* bf16 weights [out, in] for many input rows: as for int8, the weights repacked per token block, here in
+/* bf16 weights [out, in] for many input rows: as for int8, the weights repacked per PANEL_TOKENS rows, here in
  * panels of BF16_TILES x 16 rows, 16 rows x 2 columns per 64 bytes, each vdpbf16ps multiplying 16 rows by a
  * broadcast pair of inputs (the inputs rounded to bf16 once, as oneDNN's bf16 products do; sums in fp32). */
 #define BF16_TILES 3
@@ -514,8 +517,8 @@ static int bf16_rows(const unsigned short *xb, Linear W, float *y, int n, int in
     int rows = BF16_TILES * 16;
     unsigned short *panel = aligned_alloc(64, (size_t)rows * in * 2);
     if (!panel) return -1;
-    for (int first = 0; first < n; first += TOKEN_BLOCK) {
-        int last = first + TOKEN_BLOCK < n ? first + TOKEN_BLOCK : n;
+    for (int first = 0; first < n; first += PANEL_TOKENS) {
+        int last = first + PANEL_TOKENS < n ? first + PANEL_TOKENS : n;
         for (int p = p0; p < p1; p++) {
             pack_bf16_panel((const unsigned short *)W.w, in, out, p * rows, panel);
             for (int c = first; c < last; c += BF16_COLS) {
@@ -559,8 +562,8 @@ static int q8_rows(const unsigned char *xq, const float *xs, Linear W, float *y,
     signed char *panel = aligned_alloc(64, (size_t)PANEL * in);
     if (!panel) return -1;
     int rows_out = (out + ROWS - 1) / ROWS * ROWS;
-    for (int first = 0; first < n; first += TOKEN_BLOCK) {
-        int last = first + TOKEN_BLOCK < n ? first + TOKEN_BLOCK : n;
+    for (int first = 0; first < n; first += PANEL_TOKENS) {
+        int last = first + PANEL_TOKENS < n ? first + PANEL_TOKENS : n;
         for (int p = p0; p < p1; p++) {
             pack_q8_panel((const signed char *)W.w, in, rows_out, p * PANEL, panel);
             for (int c = first; c < last; c += 8) {
