@@ -408,7 +408,7 @@ static void q4_rows(const signed char *xq, const float *xs, const float *sums, L
  * q4's arrangement, 16 rows x 4 columns per 64 bytes, so each VNNI instruction multiplies 16 rows by 4
  * broadcast input bytes and the sums come out with the rows in lanes. A panel is 32 x in bytes, repacked
  * once per PANEL_TOKENS input rows. */
-#define PANEL 32 /* weight rows per panel: two tiles of 16 */
+#define Q8_PANEL 32 /* weight rows per panel: two tiles of 16 */
 #define PACK_MIN 32 /* input rows from which a product repacks its weights into panels (fewer: a batched step) */
 /* input rows per repacking of a panel: a repacked panel serves up to a 1,024-token prefill whole (its inputs
  * stream from L2 and L3; repacking every 256 rows cost 15 % of a bf16 product) */
@@ -559,23 +559,23 @@ static void round_bf16(const float *x, int in, int r, unsigned short *q) {
 /* panels [p0, p1) of y = x W^T + b for int8 W (decode tiles) and the n rows already quantized (+128) */
 static int q8_rows(const unsigned char *xq, const float *xs, Linear W, float *y, int n, int in, int out, int p0,
                    int p1, int mode) {
-    signed char *panel = aligned_alloc(64, (size_t)PANEL * in);
+    signed char *panel = aligned_alloc(64, (size_t)Q8_PANEL * in);
     if (!panel) return -1;
     int rows_out = (out + ROWS - 1) / ROWS * ROWS;
     for (int first = 0; first < n; first += PANEL_TOKENS) {
         int last = first + PANEL_TOKENS < n ? first + PANEL_TOKENS : n;
         for (int p = p0; p < p1; p++) {
-            pack_q8_panel((const signed char *)W.w, in, rows_out, p * PANEL, panel);
+            pack_q8_panel((const signed char *)W.w, in, rows_out, p * Q8_PANEL, panel);
             for (int c = first; c < last; c += 8) {
                 switch (last - c) { /* constant widths, as in q4_rows */
-                case 1: q8_columns(xq, xs, panel, W, y, in, out, p * PANEL, c, 1, mode); break;
-                case 2: q8_columns(xq, xs, panel, W, y, in, out, p * PANEL, c, 2, mode); break;
-                case 3: q8_columns(xq, xs, panel, W, y, in, out, p * PANEL, c, 3, mode); break;
-                case 4: q8_columns(xq, xs, panel, W, y, in, out, p * PANEL, c, 4, mode); break;
-                case 5: q8_columns(xq, xs, panel, W, y, in, out, p * PANEL, c, 5, mode); break;
-                case 6: q8_columns(xq, xs, panel, W, y, in, out, p * PANEL, c, 6, mode); break;
-                case 7: q8_columns(xq, xs, panel, W, y, in, out, p * PANEL, c, 7, mode); break;
-                default: q8_columns(xq, xs, panel, W, y, in, out, p * PANEL, c, 8, mode);
+                case 1: q8_columns(xq, xs, panel, W, y, in, out, p * Q8_PANEL, c, 1, mode); break;
+                case 2: q8_columns(xq, xs, panel, W, y, in, out, p * Q8_PANEL, c, 2, mode); break;
+                case 3: q8_columns(xq, xs, panel, W, y, in, out, p * Q8_PANEL, c, 3, mode); break;
+                case 4: q8_columns(xq, xs, panel, W, y, in, out, p * Q8_PANEL, c, 4, mode); break;
+                case 5: q8_columns(xq, xs, panel, W, y, in, out, p * Q8_PANEL, c, 5, mode); break;
+                case 6: q8_columns(xq, xs, panel, W, y, in, out, p * Q8_PANEL, c, 6, mode); break;
+                case 7: q8_columns(xq, xs, panel, W, y, in, out, p * Q8_PANEL, c, 7, mode); break;
+                default: q8_columns(xq, xs, panel, W, y, in, out, p * Q8_PANEL, c, 8, mode);
                 }
             }
         }
@@ -625,19 +625,18 @@ static void product(const float *x, Linear W, float *y, int n, int in, int out, 
         int size = BF16_TILES * 16, panels = (out + size - 1) / size, per = (panels + team - 1) / team;
         int p0 = id * per, p1 = p0 + per < panels ? p0 + per : panels;
         if (p0 >= p1 || bf16_rows(xb16, W, y, n, in, out, p0, p1, mode) == 0) return;
+        /* no memory for the panel: this thread's share by the decode tiles */
         rows(input, W, b, y, n, in, out, p0 * size, p1 * size < out ? p1 * size : out, mode, BF16);
         return;
     }
 #endif
 #if HAVE_VNNI
     if (W.type == I8 && n >= PACK_MIN) {
-        int panels = (out + PANEL - 1) / PANEL, per = (panels + team - 1) / team;
+        int panels = (out + Q8_PANEL - 1) / Q8_PANEL, per = (panels + team - 1) / team;
         int p0 = id * per, p1 = p0 + per < panels ? p0 + per : panels;
         if (p0 >= p1 || q8_rows(xq, xs, W, y, n, in, out, p0, p1, mode) == 0) return;
-        /* no memory for the panel: this thread's share by the decode tiles below */
-        int r_first = p0 * PANEL, r_last = p1 * PANEL < (out + ROWS - 1) / ROWS * ROWS ? p1 * PANEL
-                                                                                          : (out + ROWS - 1) / ROWS * ROWS;
-        rows(input, W, b, y, n, in, out, r_first, r_last, mode, I8);
+        int rows_out = padded(out, ROWS); /* no memory for the panel: this thread's share by the decode tiles */
+        rows(input, W, b, y, n, in, out, p0 * Q8_PANEL, p1 * Q8_PANEL < rows_out ? p1 * Q8_PANEL : rows_out, mode, I8);
         return;
     }
 #endif
@@ -732,8 +731,8 @@ void rugpt_step(const Model *m, int n, const int *slots, const int *positions, c
 }
 
 /* y [n, out] = x [n, in] W^T + b on its own (mode STORE), or gelu(x W^T + b) (GELU), or y += x W^T + b (ADD):
- * the fast engine's prefill products for 8- and 4-bit weights, which otherwise would need a second (fbgemm)
- * copy of them. Returns 0, or -1 when scratch cannot be allocated. */
+ * the fast engine's prefill products for 8- and 4-bit weights (which otherwise would need a second, fbgemm copy
+ * of them) and for bf16 where the CPU has AVX-512 BF16. Returns 0, or -1 when scratch cannot be allocated. */
 int rugpt_linear(const float *x, const Linear *W, float *y, int n, int in, int out, int mode, int threads) {
     if (n <= 0) return 0;
     size_t width = (size_t)padded(in, Q4_BLOCK) * (W->type == BF16 ? 2 : 1); /* bf16: the inputs rounded */
