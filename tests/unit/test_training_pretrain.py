@@ -75,6 +75,12 @@ def test_pretraining_continues_from_init_from_weights(corpus, tmp_path):
     metrics = export_bundle(tmp_path / "b", tmp_path / "bundle")  # replaces the edition it continued from
     assert [s["steps"] for s in metrics["stages"]] == [30, 1] and metrics["steps"] == 31
     assert metrics["stages"][1]["init_from"] == str(base)
+    # a run on from a run that was never exported: both are stages of the edition it makes
+    pretrain(PretrainSettings(max_steps=2, out=tmp_path / "e", init_from=latest_checkpoint(tmp_path / "b") / "model",
+                              seed=7, **common))
+    chained = export_bundle(tmp_path / "e", tmp_path / "bundle2")
+    assert [s["steps"] for s in chained["stages"]] == [30, 1, 2] and chained["stages"][2]["seed"] == 7
+    assert "--seed 7" in (tmp_path / "bundle2" / "README.md").read_text()
     page = (tmp_path / "bundle" / SAMPLES_FILE).read_text()
     assert page.count("**This edition:**") == 20 and page.count("**Previous edition:**") == 20
     assert "previous edition | perplexity" in (tmp_path / "bundle" / "README.md").read_text()

@@ -107,18 +107,34 @@ def run_tokenizer(run_dir: Path) -> Path:
 
 
 def training_stages(run_dir: Path, state: dict, previous: dict | None) -> list[dict]:
-    """Every training run behind the model: the previous edition's stages when this run continued from it."""
+    """Every training run behind the model: the runs it continued from, back to a run from scratch or to the
+    previous edition (whose stages its metrics list), whether or not those runs were exported themselves."""
     record = run_dir / "settings.json"
     settings = json.loads(record.read_text()) if record.is_file() else {}
     stage = {"steps": state["step"], "tokens_seen": state["tokens_seen"], "minutes": round(state["elapsed"] / 60, 1),
              "init_from": settings.get("init_from"), "lr": settings.get("lr"), "min_lr": settings.get("min_lr"),
              "warmup_steps": settings.get("warmup_steps"), "budget_minutes": settings.get("minutes"),
-             "block_size": settings.get("block_size")}
-    if not settings.get("init_from") or previous is None:
+             "block_size": settings.get("block_size"), "seed": settings.get("seed")}
+    if not settings.get("init_from"):
+        return [stage]
+    parent = _run_checkpoint(Path(settings["init_from"]))
+    if parent is not None:
+        parent_run, checkpoint = parent
+        return [*training_stages(parent_run, json.loads((checkpoint / "state.json").read_text()), previous), stage]
+    if previous is None:
         return [stage]
     before = previous.get("stages") or [{"steps": previous["steps"], "tokens_seen": previous["tokens_seen"],
                                          "minutes": previous["training_minutes"], "init_from": None}]
     return [*before, stage]
+
+
+def _run_checkpoint(model_dir: Path) -> tuple[Path, Path] | None:
+    """(run folder, checkpoint) for a model folder inside a pre-training run's checkpoint
+    (`<run>/checkpoints/step-N/model`), else None."""
+    checkpoint = model_dir.parent
+    if model_dir.name == "model" and checkpoint.parent.name == "checkpoints" and (checkpoint / "state.json").is_file():
+        return checkpoint.parent.parent, checkpoint
+    return None
 
 
 def export_bundle(run_dir: Path, dest: Path, training_minutes: float | None = None) -> dict:
@@ -223,9 +239,10 @@ All 20 fixed prompts, beside the previous edition's continuations: [{SAMPLES_FIL
 def _stage_command(index: int, stage: dict) -> str:
     if not stage.get("init_from"):
         return f"rugpt pretrain --minutes {stage.get('minutes', 95)}\nrugpt export-bundled"
+    seed = "" if stage.get("seed") is None else f" --seed {stage['seed']}"
     return (f"rugpt pretrain --out runs/bundled{index + 1} --init-from {stage['init_from']} --tokenizer src/rugpt/bundled "
             f"--lr {stage['lr']} --min-lr {stage.get('min_lr')} --warmup-steps {stage.get('warmup_steps')} "
-            f"--short-until 0 --minutes {stage.get('budget_minutes', stage['minutes'])}  # continued pre-training\n"
+            f"--short-until 0 --minutes {stage.get('budget_minutes', stage['minutes'])}{seed}  # continued pre-training\n"
             f"rugpt export-bundled --run runs/bundled{index + 1}")
 
 
