@@ -245,8 +245,8 @@ class FastEngine(DecodeEngine):
     def _compiled_attention(self, i: int, layer: BlockWeights, slot: int, start: int, h: torch.Tensor) -> torch.Tensor:
         """Layer i's attention for h [1, T, d] at positions start.. of `slot` by the compiled kernel, which reads the
         queries from the qkv product as they are and writes the heads side by side: [1, T, d]."""
-        _, tokens, d = h.shape
-        qkv = layer.qkv(F.layer_norm(h, (d,), *layer.ln1, self.eps).view(tokens, d))
+        tokens = h.shape[1]
+        qkv = self._qkv_rows(layer, h)
         heads = qkv.view(tokens, 3, self.n_head, self.head_dim)
         self.k_cache[i][slot, :, start:start + tokens] = heads[:, 1].transpose(0, 1)
         self.v_cache[i][slot, :, start:start + tokens] = heads[:, 2].transpose(0, 1)
@@ -315,10 +315,14 @@ class FastEngine(DecodeEngine):
             for cache in (*self.k_cache, *self.v_cache):
                 cache[index, :, start:end] = 0
 
-    def _qkv(self, layer: BlockWeights, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _qkv_rows(self, layer: BlockWeights, h: torch.Tensor) -> torch.Tensor:
+        """The first layer norm and the qkv product of h [n, t, d]: [n * t, 3d], rows as they come."""
         n, t, d = h.shape
-        a = F.layer_norm(h, (d,), *layer.ln1, self.eps)
-        qkv = layer.qkv(a.view(n * t, d)).view(n, t, 3, self.n_head, self.head_dim)
+        return layer.qkv(F.layer_norm(h, (d,), *layer.ln1, self.eps).view(n * t, d))
+
+    def _qkv(self, layer: BlockWeights, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n, t, _ = h.shape
+        qkv = self._qkv_rows(layer, h).view(n, t, 3, self.n_head, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [n, H, t, hd]
         return q, k, v
 
